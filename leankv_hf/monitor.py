@@ -53,7 +53,9 @@ def _dense_geometry(layer) -> tuple[int, int, int] | None:
         return layer.dense_geometry()
     for name in ("keys", "_quantized_keys"):
         tensor = getattr(layer, name, None)
-        if tensor is not None and tensor.dim() == 4:
+        if isinstance(tensor, tuple):  # transformers' fp8 layer keeps (payload, scale)
+            tensor = tensor[0]
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
             batch, heads, _, head_dim = tensor.shape
             return batch, heads, head_dim
     return None

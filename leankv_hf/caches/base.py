@@ -1,0 +1,52 @@
+"""What every leankv cache shares: a transformers `Cache` whose full-attention layers are ours.
+
+Sliding-window layers of hybrid models (Gemma 3) stay `DynamicSlidingWindowLayer`: they are already bounded,
+and compressing them buys little. Byte accounting is the generic, honest counter of `monitor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import Cache, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, CacheLayerMixin, get_layer_types_and_kwargs
+
+from ..monitor import cache_nbytes, compression_ratio, dense_nbytes
+
+
+def text_config(model_or_config: PreTrainedModel | PretrainedConfig) -> PretrainedConfig:
+    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"expected a transformers model or config, got {type(model_or_config).__name__}")
+    return config.get_text_config(decoder=True)
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LeanCache(Cache):
+    """A `Cache` with one leankv layer per full-attention layer, built by ``make_layer(layer_idx)``."""
+
+    def __init__(self, model_or_config: PreTrainedModel | PretrainedConfig, make_layer: Callable[[int], CacheLayerMixin]):
+        config = text_config(model_or_config)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        layers = [
+            make_layer(i) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True))
+        ]
+        super().__init__(layers=layers)
+        self.config = config
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this cache holds: payload, scales, zeros, scores, indices, windows."""
+        return cache_nbytes(self)
+
+    def dense_nbytes(self, dtype: torch.dtype = torch.float16) -> int:
+        """Bytes the same tokens would take in a ``DynamicCache`` at ``dtype``."""
+        return dense_nbytes(self, dtype)
+
+    def compression_ratio(self, dtype: torch.dtype = torch.float16) -> float:
+        """``dense_nbytes(dtype) / nbytes()``: real compression, metadata included."""
+        return compression_ratio(self, dtype)

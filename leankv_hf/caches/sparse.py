@@ -1,0 +1,106 @@
+"""`SparseHeadCache`: each KV head keeps its own important tokens; pruned tokens leave memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..attention import use_leankv_attention
+from ..policy import Policy, sparse_policy
+from ..store import Precision
+from .base import LeanCache, text_config
+from .layer import LayerSettings, LeanLayer
+
+GQA_MODES = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Validated settings of `SparseHeadCache`. ``budget``: a fraction of the tokens in (0, 1], or an int
+    number of tokens per head (recent window and sinks included)."""
+
+    budget: float | int = 0.2
+    policy: str = "adakv"
+    window: int = 32
+    recent: int = 32
+    sink: int = 4
+    interval: int = 16
+    gqa: str = "max"
+    policy_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"budget={b!r} must be a fraction in (0, 1] or an int token count")
+        if isinstance(b, float) and not 0 < b <= 1:
+            raise ValueError(f"budget={b!r}: a fraction must be in (0, 1]; pass an int for a token count")
+        if isinstance(b, int) and b < 1:
+            raise ValueError(f"budget={b!r}: a token count must be >= 1")
+        for name in ("window", "recent", "sink", "interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name in ("window", "interval") else 0):
+                raise ValueError(f"{name}={value!r} must be an int >= {1 if name in ('window', 'interval') else 0}")
+        if isinstance(b, int) and b < self.recent + self.sink:
+            raise ValueError(
+                f"budget={b} tokens per head cannot hold the recent window ({self.recent}) and sinks ({self.sink}): "
+                f"raise it to >= {self.recent + self.sink} or lower recent/sink"
+            )
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"gqa={self.gqa!r}: choose one of {GQA_MODES}")
+        self.build_policy()  # unknown policy names and options fail here, at construction
+
+    def build_policy(self) -> Policy:
+        return sparse_policy(self.policy, **self.policy_options)
+
+
+class SparseHeadCache(LeanCache):
+    """Per-head dynamic sparsity. Needs the ``leankv`` attention function: given a model, it switches it.
+
+    Example:
+        >>> from leankv_hf import SparseHeadCache
+        >>> from leankv_hf.testing import tiny_model, tiny_tokenizer
+        >>> model, tok = tiny_model("llama"), tiny_tokenizer()
+        >>> cache = SparseHeadCache(model, budget=0.5, policy="adakv", recent=8, window=8)
+        >>> out = model.generate(**tok("hello " * 40, return_tensors="pt"), past_key_values=cache, max_new_tokens=4)
+        >>> cache.kept_tokens().shape
+        torch.Size([4, 1, 2])
+    """
+
+    def __init__(
+        self,
+        model_or_config: PreTrainedModel | PretrainedConfig,
+        budget: float | int = 0.2,
+        policy: str = "adakv",
+        window: int = 32,
+        recent: int = 32,
+        sink: int = 4,
+        interval: int = 16,
+        gqa: str = "max",
+        **policy_options,
+    ):
+        cfg = SparseConfig(budget, policy, window, recent, sink, interval, gqa, policy_options)
+        self.settings = cfg
+        settings = LayerSettings(
+            tiers=((Precision(16), Precision(16)),),
+            policy=cfg.build_policy(),
+            budget=budget,
+            window=window,
+            recent=recent,
+            sink=sink,
+            interval=interval,
+            gqa=gqa,
+        )
+        num_layers = text_config(model_or_config).num_hidden_layers
+        super().__init__(model_or_config, lambda i: LeanLayer(i, num_layers, settings))
+        if isinstance(model_or_config, PreTrainedModel):
+            use_leankv_attention(model_or_config)
+
+    def _lean_layers(self) -> list[LeanLayer]:
+        return [layer for layer in self.layers if isinstance(layer, LeanLayer)]
+
+    def kept_tokens(self):
+        """``[layers, batch, kv_heads]``: tokens each head of each compressed layer holds now."""
+        import torch
+
+        return torch.stack([layer.kept_tokens() for layer in self._lean_layers()])

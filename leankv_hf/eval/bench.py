@@ -1,0 +1,200 @@
+"""``leankv bench``: what each cache costs in bytes and time as the context grows.
+
+For each method and context length: prefill a seeded passkey-style prompt of exactly that many tokens into a
+fresh cache, decode greedily one token at a time, and measure the stored bytes after the prefill and after the
+decode steps (against a 16-bit dense cache of the same tokens).
+Times are medians over repeats and are also given relative to ``full`` (a ``DynamicCache``) measured in the same
+run at the same length, which is always included. Every output file starts with how and where it was measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import platform
+import random
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .methods import Spec, make_cache, method_label, parse_method
+from .report import markdown_table, pyplot, save_png
+from .results import write_atomic
+from .tasks.base import encode, fit_length
+from .tasks.passkey import passkey_example
+from .timing import clock
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    method: str
+    length: int
+    cache_bytes: int  # stored, after the decode steps
+    dense_bytes: int  # a 16-bit DynamicCache of the same tokens
+    ratio: float  # cache_bytes / dense_bytes
+    prefill_cache_bytes: int  # stored right after the prefill (before any deferred compaction)
+    prefill_s: float  # median over repeats
+    decode_ms_per_token: float  # median over repeats
+    prefill_vs_full: float
+    decode_vs_full: float
+    peak_memory_bytes: int | None  # CUDA only: peak allocated during prefill + decode, above the starting point
+
+
+def bench_prompt(tokenizer: PreTrainedTokenizerBase, length: int, seed: int = 0) -> list[int]:
+    """Exactly ``length`` token ids of passkey-style text (a seeded key in the middle of the filler)."""
+    key = str(random.Random(f"bench:{seed}").randint(10000, 99999))
+    example, _ = fit_length(lambda n: passkey_example(n, 0.5, key), tokenizer, length + 64, start=max(length // 8, 1))
+    ids = encode(tokenizer, example)[0]
+    if len(ids) < length:
+        raise ValueError(f"could not build a {length}-token prompt (got {len(ids)})")
+    return ids[:length]
+
+
+@torch.inference_mode()
+def _measure(model: PreTrainedModel, ids: list[int], spec: Spec, decode_tokens: int) -> dict:
+    """One repeat: prefill into a fresh cache, read its bytes, decode ``decode_tokens`` greedy tokens."""
+    from leankv_hf.monitor import cache_nbytes, dense_nbytes
+
+    device = model.device
+    cuda = device.type == "cuda"
+    tokens = torch.tensor([ids], device=device)
+    cache = make_cache(spec, model)
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = clock(device)
+    logits = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    prefill_s = clock(device) - start
+    after_prompt = cache_nbytes(cache)
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    start = clock(device)
+    for _ in range(decode_tokens):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    decode_s = clock(device) - start
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    return {
+        "prefill_s": prefill_s,
+        "decode_ms": 1000 * decode_s / decode_tokens,
+        "after_prompt": after_prompt,
+        "stored": cache_nbytes(cache),
+        "dense": dense_nbytes(cache),
+        "peak": peak,
+    }
+
+
+def run_bench(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    methods: Sequence[Spec],
+    lengths: Sequence[int] = (1024, 2048, 4096, 8192),
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
+) -> list[BenchRow]:
+    """Measure every method (``full`` added first when missing) at every length."""
+    for spec in methods:
+        parse_method(spec)
+    methods = list(methods) if "full" in [method_label(m) for m in methods] else ["full", *methods]
+    warm = bench_prompt(tokenizer, 64, seed)
+    for spec in methods:  # first calls pay for allocations and lazy imports: keep them out of every measurement
+        _measure(model, warm, spec, 2)
+    rows = []
+    for length in lengths:
+        ids = bench_prompt(tokenizer, length, seed)
+        measured = {}
+        for spec in methods:
+            runs = [_measure(model, ids, spec, decode_tokens) for _ in range(repeats)]
+            measured[method_label(spec)] = {
+                "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+                "decode_ms": statistics.median(r["decode_ms"] for r in runs),
+                "stored": runs[-1]["stored"],
+                "dense": runs[-1]["dense"],
+                "after_prompt": runs[-1]["after_prompt"],
+                "peak": max(r["peak"] for r in runs) if runs[-1]["peak"] is not None else None,
+            }
+        full = measured["full"]
+        for label, m in measured.items():
+            rows.append(
+                BenchRow(
+                    method=label,
+                    length=length,
+                    cache_bytes=m["stored"],
+                    dense_bytes=m["dense"],
+                    ratio=m["stored"] / m["dense"] if m["dense"] else float("nan"),
+                    prefill_cache_bytes=m["after_prompt"],
+                    prefill_s=m["prefill_s"],
+                    decode_ms_per_token=m["decode_ms"],
+                    prefill_vs_full=m["prefill_s"] / full["prefill_s"],
+                    decode_vs_full=m["decode_ms"] / full["decode_ms"],
+                    peak_memory_bytes=m["peak"],
+                )
+            )
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(model: PreTrainedModel, command: str | None = None) -> dict[str, str]:
+    """How and where a measurement was taken, for the header of every output file."""
+    device = model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "command": command if command is not None else shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": f"{device} ({name})",
+        "threads": str(torch.get_num_threads()),
+        "dtype": str(model.dtype),
+    }
+
+
+def write_bench(rows: Sequence[BenchRow], out_dir: str | Path, env: dict[str, str]) -> list[Path]:
+    """``bench.csv`` (``#`` header lines), ``bench.md`` and ``bench.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(BenchRow)]
+
+    buffer = io.StringIO()
+    buffer.writelines(f"# {key}: {value}\n" for key, value in env.items())
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    write_atomic(out_dir / "bench.csv", buffer.getvalue())
+
+    header = "".join(f"- {key}: `{value}`\n" for key, value in env.items())
+    table = markdown_table(tuple(names), [tuple(asdict(r).values()) for r in rows])
+    write_atomic(out_dir / "bench.md", f"# leankv bench\n\n{header}\n{table}\n")
+
+    plt = pyplot()
+    figure, (speed, size) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        speed.plot([r.length for r in mine], [r.decode_ms_per_token for r in mine], marker="o", label=method)
+        size.plot([r.length for r in mine], [r.cache_bytes / 2**20 for r in mine], marker="o", label=method)
+    speed.set(xlabel="context length (tokens)", ylabel="decode ms / token", title="decode speed")
+    size.set(xlabel="context length (tokens)", ylabel="KV cache MiB (stored)", title="cache size")
+    for axes in (speed, size):
+        axes.grid(alpha=0.3)
+    size.legend(fontsize=8)
+    figure.suptitle(f"{env['device']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, {env['date']}", fontsize=8)
+    figure.text(0.01, -0.02, env["command"], fontsize=7, family="monospace")
+    plot = save_png(figure, out_dir / "bench.png")
+    plt.close(figure)
+    return [out_dir / "bench.csv", out_dir / "bench.md", plot]

@@ -1,0 +1,206 @@
+"""Run a task's examples through a model with each cache method and record one row per (method, example).
+
+Greedy decoding, a fresh cache per example. Two settings:
+
+* ``query_aware``: the whole prompt goes through ``model.generate``; a compressing cache sees the question.
+* ``query_agnostic``: the context alone is prefilled first (compressing caches compress here, before the
+  question exists), then ``generate`` gets the full prompt and feeds only the tokens the cache has not seen
+  (``get_seq_length`` counts tokens seen, evicted ones included).
+
+Bytes are measured twice: right after the prompt (``prefill_cache_bytes``: a cache may hold everything until
+it compacts) and at the end (``cache_bytes`` and ``dense_bytes``, measured together, giving ``ratio``: the
+footprint the cache settles at, prompt and generated tokens included).
+
+Rows are appended durably as they are produced (see ``results``), so an interrupted run resumes; under
+``accelerate launch`` examples are sharded across processes and the main process merges and reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    Cache,
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from . import results
+from .methods import Spec, make_cache, method_label, parse_method
+from .report import Summary, summarize, write_report
+from .tasks.base import Example, ScoredTask, encode, truncate_middle
+from .tasks.perplexity import PerplexityTask, teacher_forced
+from .timing import clock
+
+SETTINGS = ("query_aware", "query_agnostic")
+
+
+def _nbytes(cache: Cache) -> dict:
+    """Stored bytes and the 16-bit ``DynamicCache`` bytes of the same tokens, measured together."""
+    from leankv_hf.monitor import cache_nbytes, dense_nbytes
+
+    return {"cache_bytes": cache_nbytes(cache), "dense_bytes": dense_nbytes(cache)}
+
+
+class _PromptProbe(LogitsProcessor):
+    """Called by ``generate`` at every step; the first call marks the end of the prompt's prefill, when the
+    cache's bytes are measured (that measurement is excluded from the decode time)."""
+
+    def __init__(self, cache: Cache, device: torch.device):
+        self.cache, self.device = cache, device
+        self.at: float | None = None
+        self.prefill_cache_bytes = 0
+        self.overhead = 0.0
+
+    def mark(self) -> None:
+        if self.at is not None:
+            return
+        self.at = clock(self.device)
+        self.prefill_cache_bytes = _nbytes(self.cache)["cache_bytes"]
+        self.overhead = time.perf_counter() - self.at
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.mark()
+        return scores
+
+
+@torch.inference_mode()
+def _generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int],
+    split: int,
+    cache: Cache,
+    setting: str,
+    max_new_tokens: int,
+) -> dict:
+    device = model.device
+    tokens = torch.tensor([ids], device=device)
+    probe = _PromptProbe(cache, device)
+    start = clock(device)
+    if setting == "query_agnostic":
+        # Leave at least one token for generate to feed, even when the question is empty.
+        model(input_ids=tokens[:, : min(split, len(ids) - 1)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model.generate(
+        input_ids=tokens,
+        attention_mask=torch.ones_like(tokens),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([probe]),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    end = clock(device)
+    new = out[0, len(ids) :]
+    return {
+        "prediction": tokenizer.decode(new, skip_special_tokens=True),
+        **_nbytes(cache),
+        "prefill_cache_bytes": probe.prefill_cache_bytes,
+        "prefill_s": probe.at - start,
+        "decode_s": end - probe.at - probe.overhead,
+        "decode_tokens": max(len(new) - 1, 0),
+    }
+
+
+def _perplexity(model: PreTrainedModel, ids: list[int], split: int, cache: Cache, spec: Spec) -> dict:
+    probe = _PromptProbe(cache, model.device)
+    reference = None if parse_method(spec).kind == "full" else DynamicCache(config=model.config)
+    result = teacher_forced(model, ids, split, cache, reference=reference, after_prefill=probe.mark)
+    return {
+        "prediction": "",
+        **_nbytes(cache),
+        "prefill_cache_bytes": probe.prefill_cache_bytes,
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+        "decode_tokens": result.tokens - 1,
+        "nll": result.nll,
+        "kl": result.kl,
+        "tokens": result.tokens,
+        "score": result.nll / result.tokens,
+    }
+
+
+def evaluate_example(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: ScoredTask | PerplexityTask,
+    example: Example,
+    spec: Spec,
+    setting: str,
+    max_new_tokens: int | None = None,
+) -> dict:
+    """One row: run ``example`` through a fresh ``spec`` cache and score it."""
+    ids, split = encode(tokenizer, example)
+    limit = max_new_tokens or example.max_new_tokens
+    context = getattr(model.config, "max_position_embeddings", None)
+    if task.truncate and context:
+        ids, split = truncate_middle(ids, split, context - limit)
+    cache = make_cache(spec, model)
+    if isinstance(task, PerplexityTask):
+        measured = _perplexity(model, ids, split, cache, spec)
+    else:
+        measured = _generate(model, tokenizer, ids, split, cache, setting, limit)
+        measured["score"] = task.score(example, measured["prediction"])
+    dense = measured["dense_bytes"]
+    return {
+        "task": example.task,
+        "method": method_label(spec),
+        "setting": setting,
+        "id": example.id,
+        "metadata": example.metadata,
+        "answers": list(example.answers),
+        "prompt_tokens": len(ids),
+        **measured,
+        "ratio": measured["cache_bytes"] / dense if dense else float("nan"),
+        "finished_at": time.time(),
+    }
+
+
+def run_eval(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: ScoredTask | PerplexityTask,
+    methods: Sequence[Spec],
+    out_dir: str | Path,
+    limit: int | None = None,
+    seed: int = 0,
+    setting: str = "query_aware",
+    max_new_tokens: int | None = None,
+    state=None,
+) -> Summary:
+    """Evaluate every method on the task's first ``limit`` examples, resuming from the rows already in
+    ``out_dir``; writes ``rows.jsonl``, ``summary.json``, ``summary.md`` and plots, and returns the summary.
+
+    ``state`` is an ``accelerate.PartialState`` (default: the current one): process K of N runs examples
+    K, K+N, ... and the main process merges and reports once all are done.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; valid: {', '.join(SETTINGS)}")
+    for spec in methods:
+        parse_method(spec)
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = results.shard_path(out_dir, state.process_index, state.num_processes)
+    results.drop_partial_line(path)
+    done = {results.row_key(row) for row in results.all_rows(out_dir)}
+    examples = task.examples(tokenizer, seed)[:limit][state.process_index :: state.num_processes]
+    todo = [(e, s) for e in examples for s in methods if (method_label(s), setting, e.id) not in done]
+    for example, spec in tqdm(todo, desc=f"{task.name} ({setting})", disable=not state.is_local_main_process):
+        torch.manual_seed(seed)
+        results.append_row(path, evaluate_example(model, tokenizer, task, example, spec, setting, max_new_tokens))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        summary = write_report(results.merge_shards(out_dir), out_dir)
+    state.wait_for_everyone()
+    return summary if state.is_main_process else summarize(results.all_rows(out_dir))

@@ -1,0 +1,261 @@
+"""Where compressed tokens live: how each side is encoded (`Precision`), and two layouts.
+
+* `DenseStore`: every (batch, head) holds the same tokens, so one ``[B, H, T, ...]`` block per side — the
+  quantized cache, which never evicts. Supports per-channel keys (groups span tokens).
+* `RaggedStore`: each (batch, head) holds its own tokens. Rows ``[N, ...]`` are sorted by (batch, head) and
+  ``counts[B, H]`` says how many each holds (CSR), so persistent memory is exactly the kept tokens: nothing is
+  padded to the longest head. Attention reads a transient padded view, one layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .quant import QuantizedTensor, quantize
+
+BITS = (16, 8, 4, 2)
+AXES = ("token", "channel")
+FORMATS = ("int", "fp8")
+
+Encoded = torch.Tensor | QuantizedTensor
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one side (keys or values) of a tier is stored. ``bits=16`` keeps the model's own dtype, untouched."""
+
+    bits: int = 16
+    group_size: int = 64
+    axis: str = "token"
+    fmt: str = "int"
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; choose one of {BITS}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r} must be a positive int")
+        if self.axis not in AXES:
+            raise ValueError(f"axis={self.axis!r} is not supported; choose one of {AXES}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"fmt={self.fmt!r} is not supported; choose one of {FORMATS}")
+        if self.fmt == "fp8" and self.bits != 8:
+            raise ValueError(f"fmt='fp8' needs bits=8, got bits={self.bits}")
+        if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"scale_dtype={self.scale_dtype} must be float16, bfloat16 or float32")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise early (at cache construction) when groups cannot tile a head."""
+        if self.quantized and self.axis == "token" and head_dim % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} must divide head_dim={head_dim} for per-token groups; "
+                f"try one of {[g for g in (16, 32, 64, 128, 256) if head_dim % g == 0]}"
+            )
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        if not self.quantized:
+            return x
+        return quantize(x, self.bits, self.group_size, axis=self.axis, fmt=self.fmt, scale_dtype=self.scale_dtype)
+
+    def label(self) -> str:
+        return "16" if not self.quantized else f"{self.bits}{'fp8' if self.fmt == 'fp8' else ''}"
+
+
+def decode(x: Encoded, dtype: torch.dtype) -> torch.Tensor:
+    return x.dequantize(dtype) if isinstance(x, QuantizedTensor) else x.to(dtype)
+
+
+def _fields(x: QuantizedTensor) -> dict[str, torch.Tensor]:
+    return {name: value for name in ("payload", "scale", "zero") if (value := getattr(x, name)) is not None}
+
+
+def cat(parts: list[Encoded], dim: int) -> Encoded:
+    """Concatenate encoded blocks along a leading (token or row) dimension."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, dim=dim)
+    merged = {name: torch.cat([getattr(p, name) for p in parts], dim=dim) for name in _fields(parts[0])}
+    return replace(parts[0], **merged)
+
+
+def select(x: Encoded, dim: int, index: torch.Tensor) -> Encoded:
+    """Rows ``index`` of a leading dimension (batch reorder, eviction)."""
+    if isinstance(x, torch.Tensor):
+        return x.index_select(dim, index)
+    return replace(x, **{name: t.index_select(dim, index) for name, t in _fields(x).items()})
+
+
+def first_tokens(x: Encoded, length: int) -> Encoded:
+    """The first ``length`` tokens of a ``[B, H, T, ...]`` block (per-channel scales cover a group of tokens)."""
+    if isinstance(x, torch.Tensor):
+        return x[:, :, :length]
+    groups = length // x.group_size if x.axis == "channel" else length
+    trimmed = {name: t[:, :, : length if name == "payload" else groups] for name, t in _fields(x).items()}
+    return replace(x, **trimmed)
+
+
+@dataclass
+class DenseStore:
+    """Encoded ``[B, H, T, D]`` keys and values, the same tokens for every head; grown by concatenation."""
+
+    key: Precision
+    value: Precision
+    keys: Encoded | None = None
+    values: Encoded | None = None
+    length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        ek, ev = self.key.encode(k), self.value.encode(v)
+        self.keys = ek if self.keys is None else cat([self.keys, ek], dim=2)
+        self.values = ev if self.values is None else cat([self.values, ev], dim=2)
+        self.length += k.shape[2]
+
+    def decode(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode(self.keys, dtype), decode(self.values, dtype)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values = select(self.keys, 0, index), select(self.values, 0, index)
+
+    def truncate(self, length: int, block: int) -> None:
+        """Keep the first ``length`` tokens; ``block`` is the token granularity of the layout (1 or a group)."""
+        if self.keys is None or length >= self.length:
+            return
+        if length % block:
+            raise ValueError(f"cannot cut a per-channel block of {block} tokens at {length}")
+        self.keys, self.values = first_tokens(self.keys, length), first_tokens(self.values, length)
+        self.length = length
+
+
+@dataclass
+class RaggedStore:
+    """Tokens of one precision, a different number per (batch, head), with per-token importance.
+
+    ``keys``/``values`` are encoded rows ``[N, D]`` sorted by (batch, head), then by arrival; ``counts[B, H]``
+    says how many rows each head holds. ``positions`` (int32) and ``scores`` (running mean of the attention a
+    token receives, fp16) with ``ages`` (observations, saturating at 255, uint8) let policies re-rank tokens.
+    """
+
+    key: Precision
+    value: Precision
+    counts: torch.Tensor | None = None
+    keys: Encoded | None = None
+    values: Encoded | None = None
+    positions: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    ages: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[0]
+
+    def segments(self) -> torch.Tensor:
+        """The (batch * heads) segment id of every row."""
+        return torch.repeat_interleave(torch.arange(self.counts.numel(), device=self.counts.device), self.counts.flatten())
+
+    def ranks(self, segments: torch.Tensor) -> torch.Tensor:
+        """Position of every row inside its segment."""
+        starts = torch.cumsum(self.counts.flatten(), 0) - self.counts.flatten()
+        return torch.arange(segments.shape[0], device=segments.device) - starts[segments]
+
+    def init(self, batch: int, heads: int, device: torch.device) -> None:
+        self.counts = torch.zeros(batch, heads, dtype=torch.long, device=device)
+        self.positions = torch.zeros(0, dtype=torch.int32, device=device)
+        self.scores = torch.zeros(0, dtype=torch.float16, device=device)
+        self.ages = torch.zeros(0, dtype=torch.uint8, device=device)
+
+    def add(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        segments: torch.Tensor,
+        positions: torch.Tensor,
+        scores: torch.Tensor,
+        ages: torch.Tensor,
+    ) -> None:
+        """Insert rows (each with its segment id), keeping rows sorted by segment and, inside one, by arrival."""
+        if segments.numel() == 0:
+            return
+        new = {
+            "keys": self.key.encode(k),
+            "values": self.value.encode(v),
+            "positions": positions.to(torch.int32),
+            "scores": scores.to(torch.float16),
+            "ages": ages.to(torch.uint8),
+        }
+        if self.rows == 0:
+            order = torch.sort(segments, stable=True).indices
+            for name, value in new.items():
+                setattr(self, name, select(value, 0, order))
+        else:
+            order = torch.sort(torch.cat([self.segments(), segments]), stable=True).indices
+            for name, value in new.items():
+                setattr(self, name, select(cat([getattr(self, name), value], 0), 0, order))
+        self.counts += torch.bincount(segments, minlength=self.counts.numel()).view_as(self.counts)
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Drop the rows where ``mask`` is False: their memory is released."""
+        if self.rows == 0 or bool(mask.all()):
+            return
+        index = mask.nonzero().squeeze(1)
+        segments = self.segments()[index]
+        for name in ("keys", "values", "positions", "scores", "ages"):
+            setattr(self, name, select(getattr(self, name), 0, index))
+        self.counts = torch.bincount(segments, minlength=self.counts.numel()).view_as(self.counts)
+
+    def take(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Remove the rows where ``mask`` is True and return them decoded (for demotion to another tier)."""
+        index = mask.nonzero().squeeze(1)
+        out = {
+            "k": decode(select(self.keys, 0, index), dtype),
+            "v": decode(select(self.values, 0, index), dtype),
+            "segments": self.segments()[index],
+            "positions": self.positions[index],
+            "scores": self.scores[index],
+            "ages": self.ages[index],
+        }
+        self.keep(~mask)
+        return out
+
+    def padded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transient ``[B, H, L, D]`` keys and values, ``valid[B, H, L]``, and each row's (segment, rank)."""
+        batch, heads = self.counts.shape
+        width = int(self.counts.max()) if self.rows else 0
+        segments = self.segments()
+        ranks = self.ranks(segments)
+        if self.rows:
+            k, v = decode(self.keys, dtype), decode(self.values, dtype)
+        if self.rows and bool((self.counts == width).all()):  # every head holds as many: a plain view
+            valid = torch.ones(batch, heads, width, dtype=torch.bool, device=self.counts.device)
+            return k.view(batch, heads, width, -1), v.view(batch, heads, width, -1), valid, segments, ranks
+        head_dim = k.shape[-1] if self.rows else 0
+        pk = torch.zeros(batch * heads, width, head_dim, dtype=dtype, device=self.counts.device)
+        pv = torch.zeros_like(pk)
+        valid = torch.zeros(batch * heads, width, dtype=torch.bool, device=self.counts.device)
+        if self.rows:
+            pk[segments, ranks] = k
+            pv[segments, ranks] = v
+            valid[segments, ranks] = True
+        shape = (batch, heads, width)
+        return pk.view(*shape, -1), pv.view(*shape, -1), valid.view(shape), segments, ranks
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Reorder or repeat whole batch rows (beam search): each new row copies the segments of ``index[b]``."""
+        if self.counts is None:
+            return
+        batch, heads = self.counts.shape
+        counts = self.counts.flatten()
+        starts = torch.cumsum(counts, 0) - counts
+        source = (index.to(counts.device)[:, None] * heads + torch.arange(heads, device=counts.device)).flatten()
+        lengths = counts[source]
+        row_index = torch.repeat_interleave(starts[source] - torch.cumsum(lengths, 0) + lengths, lengths)
+        row_index += torch.arange(row_index.shape[0], device=counts.device)
+        if self.rows:
+            for name in ("keys", "values", "positions", "scores", "ages"):
+                setattr(self, name, select(getattr(self, name), 0, row_index))
+        self.counts = lengths.view(index.shape[0], heads)
