@@ -121,7 +121,8 @@ def test_full_budget_pyramid_matches_dynamic_cache(tiny_tok):
     reason="ChunkKVPolicy.select keeps ceil(budget / chunk) chunks, but Policy.assign has already taken the sinks "
     "out of the budget while chunks stay aligned to absolute positions, and the candidates (sinks and the recent "
     "window excluded) start and end mid-chunk: at budget=1.0 whole chunks are evicted. Minimal: 12 candidates at "
-    "positions 0..11, sinks 0..3, budget 12 -> positions 4..7 pruned",
+    "positions 0..11, sinks 0..3, budget 12 -> only 1 of the 2 chunks holding the 8 non-sink tokens is kept "
+    "(4 tokens pruned)",
 )
 def test_full_budget_chunkkv_keeps_everything(tiny_tok):
     n = 12
