@@ -26,6 +26,20 @@ def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+class BatchSelectMixin:
+    """Beam search and batch expansion for a layer that defines ``_select_batch(index)`` over its batch rows."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+
 class LeanCache(Cache):
     """A `Cache` with one leankv layer per full-attention layer, built by ``make_layer(layer_idx)``."""
 

@@ -9,10 +9,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from ..store import DenseStore, Precision
-from .base import LeanCache, head_dim, text_config
+from .base import BatchSelectMixin, LeanCache, head_dim, text_config
 
 
-class HeteroLayer(CacheLayerMixin):
+class HeteroLayer(BatchSelectMixin, CacheLayerMixin):
     """One layer: a quantized `DenseStore` plus a full-precision residual window (``self.keys/values``).
 
     New tokens are attended exactly in the step they arrive; once the window holds ``2 * residual_length``
@@ -94,16 +94,6 @@ class HeteroLayer(CacheLayerMixin):
         index = index.to(self.device)
         self.store.select_batch(index)
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..policy import PRUNED, Candidates, Policy
 from ..store import Precision, RaggedStore
+from .base import BatchSelectMixin
 
 MAX_AGE = 255
 
@@ -35,7 +36,7 @@ class LayerSettings:
     gqa: str = "max"  # how the query heads of one KV head combine their attention
 
 
-class LeanLayer(CacheLayerMixin):
+class LeanLayer(BatchSelectMixin, CacheLayerMixin):
     is_sliding = False
     is_croppable = False  # evicted tokens cannot come back
 
@@ -122,16 +123,6 @@ class LeanLayer(CacheLayerMixin):
             setattr(self, name, getattr(self, name).index_select(0, index))
         for tier in self.tiers:
             tier.select_batch(index)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
     # -- what the attention function uses ----------------------------------------------------------------
     def score_window(self, query_length: int) -> int:
