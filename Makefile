@@ -25,6 +25,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check leankv_hf tests
+	$(VENV)/bin/ruff format --check leankv_hf tests
 
 test: install lint
 	$(PY) -m pytest -q

@@ -3,15 +3,21 @@
 from .attention import use_leankv_attention
 from .caches import LeanKVConfig, QuantizedHeteroCache, SparseHeadCache, UnifiedLeanCache
 from .models import load_model
-from .monitor import LeanKVMonitor, cache_nbytes, compression_ratio, dense_nbytes
+from .monitor import LeanKVMonitor, cache_nbytes, cache_stats, compression_ratio, dense_nbytes
+from .stages import LowRanker, Quantizer, Reconstructor, Sparsifier
 
 __all__ = [
     "LeanKVConfig",
     "LeanKVMonitor",
+    "LowRanker",
     "QuantizedHeteroCache",
+    "Quantizer",
+    "Reconstructor",
     "SparseHeadCache",
+    "Sparsifier",
     "UnifiedLeanCache",
     "cache_nbytes",
+    "cache_stats",
     "compression_ratio",
     "dense_nbytes",
     "load_model",

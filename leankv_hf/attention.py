@@ -63,7 +63,7 @@ def leankv_attention(
     scale = scaling if scaling is not None else dim**-0.5
     recent_mask = _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
-    body = layer.body_view(query.dtype)  # (keys, values, valid) or None: transient, this layer only
+    body = layer.body_view(query.dtype, query)  # (keys, values, valid) or None: transient, this layer only
     if body is None:
         all_k, all_v = key, value
         full_mask = recent_mask
@@ -87,7 +87,9 @@ def leankv_attention(
                 query, all_k, all_v, attn_mask=full_mask, scale=scale, enable_gqa=groups > 1
             ).reshape(batch, key.shape[1], groups * q_len, -1)
         else:
-            out = torch.nn.functional.scaled_dot_product_attention(packed_q, all_k, all_v, attn_mask=full_mask, scale=scale)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                packed_q, all_k, all_v, attn_mask=full_mask, scale=scale
+            )
         probs = None
         if window:
             tail_q = query[:, :, -window:]
@@ -102,7 +104,7 @@ def leankv_attention(
         per_head = probs.view(batch, key.shape[1], groups, -1, probs.shape[-1])
         per_head = per_head.amax(2) if layer.gqa == "max" else per_head.mean(2)
         layer.observe(per_head.sum(2), n_queries=per_head.shape[2], visible=recent_mask[:, 0, -1])
-    elif q_len > 1:
+    else:  # a query-aware policy takes no scores, but its layer still compacts
         layer.observe(None, n_queries=0, visible=recent_mask[:, 0, -1])
     out = out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
     return out, None

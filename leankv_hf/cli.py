@@ -61,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="bytes, prefill and decode speed vs context length")
     eval_cli.add_bench_arguments(bench)
     bench.set_defaults(run=eval_cli.run_bench_command)
+
+    from .tune import run_tune_command
+
+    tune = sub.add_parser("tune", help="search UnifiedLeanCache configs for the lowest KL within a memory budget")
+    _add_model_arguments(tune)
+    tune.add_argument("--budget-mb", type=float, required=True, help="hard cap on the stored KV cache, MiB")
+    tune.add_argument("--context", type=int, default=2048, help="calibration prompt tokens (the context to plan for)")
+    tune.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps after the prompt")
+    tune.add_argument("--max-latency-ms", type=float, default=None, help="reject candidates slower than this per token")
+    tune.add_argument(
+        "--text", default=None, help="calibration text file (default: the packaged Python reference prose)"
+    )
+    tune.add_argument("--candidates", default=None, help="YAML mapping candidate names to UnifiedLeanCache settings")
+    tune.add_argument("--out", default="results/tune", help="where tune.md, tune.json and best.yaml go")
+    tune.set_defaults(run=run_tune_command)
     return parser
 
 

@@ -110,7 +110,9 @@ def resolve(name_or_path: str) -> str:
             f"embedded models are {sorted(EMBEDDED_MODELS)}, anything else is taken as a hub id"
         )
     if "/" not in name_or_path:
-        raise ValueError(f"Unknown model {name_or_path!r}: embedded models are {sorted(EMBEDDED_MODELS)}, or pass a path or a hub id")
+        raise ValueError(
+            f"Unknown model {name_or_path!r}: embedded models are {sorted(EMBEDDED_MODELS)}, or pass a path or a hub id"
+        )
     return name_or_path  # a hub id such as "Qwen/Qwen2.5-0.5B-Instruct": needs network once
 
 

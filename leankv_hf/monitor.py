@@ -82,10 +82,15 @@ def dense_nbytes(cache: Cache, dtype: torch.dtype = torch.float16) -> int:
     return total
 
 
+def cache_stats(cache: Cache, dtype: torch.dtype = torch.float16) -> dict:
+    """``nbytes`` stored, ``dense_nbytes`` at ``dtype`` and their ``ratio`` (dense over stored; NaN when empty)."""
+    stored, dense = cache_nbytes(cache), dense_nbytes(cache, dtype)
+    return {"nbytes": stored, "dense_nbytes": dense, "ratio": dense / stored if stored else float("nan")}
+
+
 def compression_ratio(cache: Cache, dtype: torch.dtype = torch.float16) -> float:
     """Dense 16-bit bytes over real stored bytes, metadata included."""
-    stored = cache_nbytes(cache)
-    return dense_nbytes(cache, dtype) / stored if stored else float("nan")
+    return cache_stats(cache, dtype)["ratio"]
 
 
 @dataclass
@@ -114,8 +119,9 @@ class LeanKVMonitor:
         now = time.perf_counter()
         if self._last is not None:
             self.latencies_ms.append((now - self._last) * 1e3)
-        self.nbytes.append(cache_nbytes(cache))
-        self.ratios.append(compression_ratio(cache))
+        stats = cache_stats(cache)
+        self.nbytes.append(stats["nbytes"])
+        self.ratios.append(stats["ratio"])
         self._last = time.perf_counter()
 
     def summary(self) -> dict:

@@ -25,15 +25,18 @@ class Candidates:
     valid: torch.Tensor  # [B, H, L] bool
     sink: torch.Tensor  # [B, H, L] bool: always kept
     budget: torch.Tensor  # [B] int64: tokens each head may keep among the candidates (sparsity policies)
+    capacity: torch.Tensor  # [B] int64: candidates each head would have, had nothing been evicted
     context: torch.Tensor  # [B] int64: real tokens seen (uniform attention is 1 / context)
-    layer_idx: int
-    num_layers: int
+    layer_idx: int  # rank among the compressed layers (sliding layers of hybrid models do not count)
+    num_layers: int  # compressed layers
 
 
 def _topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Per row of the last dim, True for the ``k[b]`` highest scores (``k`` broadcast over the middle dims)."""
     order = scores.argsort(dim=-1, descending=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
     return rank < k.view(-1, *([1] * (scores.dim() - 1)))
 
 
@@ -41,32 +44,40 @@ class Policy:
     """Base: rank candidates; ``select`` returns True where a token is kept (single tier).
 
     ``pooling`` (odd kernel, 1 = off) max-pools scores over neighbouring positions first, as SnapKV does, so a
-    multi-token fact (a number, a name) is kept or dropped whole.
+    multi-token fact (a number, a name) is kept or dropped whole. ``page_size`` > 0 marks a query-aware policy
+    (Quest): it evicts nothing and, at each decode step, picks the pages of keys the query attends to.
     """
 
     name = "base"
     tiers = 1
     pooling = 1
+    page_size = 0
 
-    def pooled(self, scores: torch.Tensor) -> torch.Tensor:
+    def pooled(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Scores max-pooled over neighbouring positions. Candidate slots are in position order only right after
+        the prefill (later: stored rows per tier, then the tokens leaving the window), so sort, pool, scatter back."""
         if self.pooling <= 1:
             return scores
         b, h, n = scores.shape
-        flat = scores.reshape(b * h, 1, n).clamp_min(0)  # -inf slots pool as 0 and stay excluded by `valid`
-        pooled = F.max_pool1d(flat, self.pooling, stride=1, padding=self.pooling // 2)
-        return pooled.view(b, h, n).masked_fill(scores == float("-inf"), float("-inf"))
+        order = positions.argsort(dim=-1)
+        flat = scores.gather(-1, order).reshape(b * h, 1, n).clamp_min(0)  # -inf slots pool as 0, stay excluded
+        pooled = F.max_pool1d(flat, self.pooling, stride=1, padding=self.pooling // 2).view(b, h, n)
+        pooled = torch.empty_like(pooled).scatter_(-1, order, pooled)
+        return pooled.masked_fill(scores == float("-inf"), float("-inf"))
 
     def select(self, c: Candidates) -> torch.Tensor:
         raise NotImplementedError
 
     def assign(self, c: Candidates) -> torch.Tensor:
         free = c.valid & ~c.sink
+        sinks = (c.sink & c.valid).sum(-1).amax(-1)
         masked = Candidates(
-            scores=self.pooled(c.scores.masked_fill(~free, float("-inf"))),
+            scores=self.pooled(c.scores.masked_fill(~free, float("-inf")), c.positions),
             positions=c.positions,
             valid=free,
             sink=c.sink,
-            budget=(c.budget - (c.sink & c.valid).sum(-1).amax(-1)).clamp_min(0),
+            budget=(c.budget - sinks).clamp_min(0),
+            capacity=(c.capacity - sinks).clamp_min(0),
             context=c.context,
             layer_idx=c.layer_idx,
             num_layers=c.num_layers,
@@ -122,15 +133,32 @@ class StreamingPolicy(Policy):
 @dataclass
 class PyramidPolicy(TopKPolicy):
     """PyramidKV: lower layers keep more, upper layers fewer (linear from ``(2 - beta)`` to ``beta`` times the
-    mean budget), each layer ranking like SnapKV."""
+    mean budget), each layer ranking like SnapKV. A share above the candidates there are is capped, and what the
+    capped (lower) layers cannot use goes to the others, so the mean over layers stays the budget."""
 
     name: str = "pyramid"
     beta: float = 0.4
 
+    def __post_init__(self):
+        if not 0 < self.beta <= 1:
+            raise ValueError(f"beta={self.beta!r} must be in (0, 1] (1: every layer the same budget)")
+
+    def layer_budget(self, c: Candidates) -> torch.Tensor:
+        """``[B]`` tokens each head of this layer keeps: ``min(scale[l] * level, capacity)`` with the level that
+        makes the mean over layers the budget (water-filling; the capped layers are the lowest ones)."""
+        n, device = c.num_layers, c.budget.device
+        scale = torch.linspace(2 - self.beta, self.beta, n, device=device)
+        scale = scale / scale.mean()  # one layer: the budget itself
+        budget, cap = c.budget.float()[:, None], c.capacity.float()[:, None]
+        capped = torch.arange(n, device=device)  # if the lowest k layers are capped, the others share the rest...
+        level = (n * budget - capped * cap) / scale.flip(0).cumsum(0).flip(0)
+        fits = scale * level <= cap  # ...and the first k consistent with that (layer k below its cap) is the one
+        first = fits.float().argmax(-1, keepdim=True)
+        level = torch.where(fits.any(-1, keepdim=True), level.gather(-1, first), torch.inf)  # none: all capped
+        return torch.minimum(scale[c.layer_idx] * level, cap).squeeze(-1).round().long()
+
     def select(self, c: Candidates) -> torch.Tensor:
-        frac = c.layer_idx / max(c.num_layers - 1, 1)
-        scale = (2 - self.beta) - frac * 2 * (1 - self.beta)
-        return _topk_mask(c.scores, (c.budget.float() * scale).round().long())
+        return _topk_mask(c.scores, self.layer_budget(c))
 
 
 @dataclass
@@ -151,11 +179,15 @@ class ChunkKVPolicy(Policy):
         group = c.layer_idx // self.reuse
         leader = c.layer_idx % self.reuse == 0 or group not in self._shared
         if leader:
-            # Sum scores per (batch, head, chunk) via scatter over chunk ids, then keep the top chunks.
+            # Per (batch, head, chunk): summed importance and token count. The best chunks are kept while their
+            # tokens fit the budget: candidates start and end mid-chunk (sinks and the window are not candidates)
+            # and evictions leave holes, so chunks are counted by the tokens they hold, not as full.
             sums = torch.zeros(*c.scores.shape[:2], span, device=c.scores.device)
             sums.scatter_add_(-1, chunk_id, c.scores.clamp_min(0).masked_fill(~c.valid, 0))
-            kept_chunks = _topk_mask(sums, (c.budget + self.chunk - 1) // self.chunk)
-            self._shared[group] = kept_chunks
+            sizes = torch.zeros_like(sums).scatter_add_(-1, chunk_id, c.valid.float())
+            best = sums.masked_fill(sizes == 0, float("-inf")).argsort(dim=-1, descending=True)
+            fits = sizes.gather(-1, best).cumsum(-1) <= c.budget.view(-1, 1, 1)
+            self._shared[group] = torch.zeros_like(fits).scatter_(-1, best, fits)
         kept_chunks = self._shared[group]
         if kept_chunks.shape[-1] < span:  # tokens newer than the leader's choice: not kept
             kept_chunks = F.pad(kept_chunks, (0, span - kept_chunks.shape[-1]))
@@ -196,6 +228,54 @@ class LeanKVPolicy(Policy):
         return torch.where(high, torch.zeros_like(tier), tier)
 
 
+@dataclass
+class QuestPolicy(Policy):
+    """Quest (query-aware sparsity, arXiv 2406.10774): a SPEED policy. Nothing is evicted, so memory is not
+    released: ``kept_tokens`` reports every token, and ``nbytes`` counts all of them plus the per-page key
+    bounds. Keys are grouped in pages of ``page_size`` tokens per head; at each decode step the query attends
+    only to the pages whose bound on its logit is highest, within the budget (the recent window and the pages
+    holding the sinks always). The prefill attends fully."""
+
+    name: str = "quest"
+    page_size: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ValueError(f"page_size={self.page_size!r} must be an int >= 1")
+
+    def select(self, c: Candidates) -> torch.Tensor:
+        return c.valid
+
+    def pages(
+        self,
+        query: torch.Tensor,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        filled: torch.Tensor,
+        k: torch.Tensor,
+        forced: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages to attend for one decode ``query[B, Hq, 1, D]``, given each page's elementwise key minimum ``low``
+        and maximum ``high`` ``[B, H, P, D]``, the pages each head has filled ``[B, H]`` and may attend ``k[B]``.
+
+        The bound on ``q . key`` over a page is ``sum_d max(q_d low_d, q_d high_d) = relu(q) . high - relu(-q) . low``
+        (two matmuls), the max over the query heads of a KV head. Returns ``[B, H, K]`` page indices, ascending
+        (so the gathered keys stay in position order), and which of them are real.
+        """
+        batch, heads, n, dim = low.shape
+        q = query.reshape(batch, heads, -1, dim).to(low.dtype)  # [B, H, G, D]: the query heads of each KV head
+        bound = q.clamp_min(0) @ high.transpose(-1, -2) - (-q).clamp_min(0) @ low.transpose(-1, -2)
+        index = torch.arange(n, device=low.device)
+        bound = bound.amax(2).masked_fill(index < forced, torch.inf)  # the sinks' pages: always
+        bound = bound.masked_fill(index >= filled[..., None], -torch.inf)  # empty pages (+-inf bounds): never
+        best = bound.topk(min(int(k.max()), n), dim=-1)
+        chosen = (torch.arange(best.indices.shape[-1], device=low.device) < k.view(-1, 1, 1)) & (
+            best.values > -torch.inf
+        )
+        pages = best.indices.masked_fill(~chosen, n).sort(-1).values  # the ones not chosen sort last
+        return pages, pages < n
+
+
 SPARSE_POLICIES: dict[str, type[Policy]] = {
     "snapkv": TopKPolicy,
     "h2o": TopKPolicy,
@@ -204,13 +284,14 @@ SPARSE_POLICIES: dict[str, type[Policy]] = {
     "pyramid": PyramidPolicy,
     "chunkkv": ChunkKVPolicy,
     "threshold": ThresholdPolicy,
+    "quest": QuestPolicy,
 }
 
 
 def sparse_policy(name: str, **options) -> Policy:
     """Build a sparsity policy by name; unknown names and options raise with the valid ones."""
     if name not in SPARSE_POLICIES:
-        raise ValueError(f"Unknown policy {name!r}; choose one of {sorted(SPARSE_POLICIES)} (or 'quest')")
+        raise ValueError(f"Unknown policy {name!r}; choose one of {sorted(SPARSE_POLICIES)}")
     cls = SPARSE_POLICIES[name]
     fields = set(cls.__dataclass_fields__) - {"name"}
     unknown = set(options) - fields

@@ -4,7 +4,8 @@
   quantized cache, which never evicts. Supports per-channel keys (groups span tokens).
 * `RaggedStore`: each (batch, head) holds its own tokens. Rows ``[N, ...]`` are sorted by (batch, head) and
   ``counts[B, H]`` says how many each holds (CSR), so persistent memory is exactly the kept tokens: nothing is
-  padded to the longest head. Attention reads a transient padded view, one layer at a time.
+  padded to the longest head. Attention reads a transient padded view, one layer at a time. Its keys may be
+  low rank (``Precision(rank=r)``): rows hold ``r`` coefficients on a per-(batch, head) basis (`fit_basis`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Precision:
     axis: str = "token"
     fmt: str = "int"
     scale_dtype: torch.dtype = torch.float16
+    rank: int | None = None  # keys only: store rank-r coefficients on a per-head basis (RaggedStore)
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -45,30 +47,70 @@ class Precision:
             raise ValueError(f"fmt='fp8' needs bits=8, got bits={self.bits}")
         if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"scale_dtype={self.scale_dtype} must be float16, bfloat16 or float32")
+        if self.rank is not None:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+                raise ValueError(f"rank={self.rank!r} must be a positive int (or None: full rank)")
+            if self.axis != "token":
+                raise ValueError(f"rank={self.rank} needs axis='token': coefficient rows are evicted one by one")
 
     @property
     def quantized(self) -> bool:
         return self.bits != 16
 
+    @property
+    def group(self) -> int:
+        """Channels per quantization group: a low-rank row has only ``rank`` coefficients to group."""
+        return min(self.group_size, self.rank) if self.rank else self.group_size
+
     def check_head_dim(self, head_dim: int) -> None:
-        """Raise early (at cache construction) when groups cannot tile a head."""
-        if self.quantized and self.axis == "token" and head_dim % self.group_size:
+        """Raise early (at cache construction) when the rank exceeds a head or groups cannot tile a row."""
+        if self.rank and self.rank > head_dim:
+            raise ValueError(f"rank={self.rank} must be in 1..head_dim={head_dim}")
+        width = self.rank or head_dim
+        if self.quantized and self.axis == "token" and width % self.group:
             raise ValueError(
-                f"group_size={self.group_size} must divide head_dim={head_dim} for per-token groups; "
-                f"try one of {[g for g in (16, 32, 64, 128, 256) if head_dim % g == 0]}"
+                f"group_size={self.group_size} must divide the {'rank' if self.rank else 'head_dim'}={width} for "
+                f"per-token groups; try one of {[g for g in (8, 16, 32, 64, 128, 256) if width % g == 0]}"
             )
 
     def encode(self, x: torch.Tensor) -> Encoded:
         if not self.quantized:
             return x
-        return quantize(x, self.bits, self.group_size, axis=self.axis, fmt=self.fmt, scale_dtype=self.scale_dtype)
+        return quantize(x, self.bits, self.group, axis=self.axis, fmt=self.fmt, scale_dtype=self.scale_dtype)
 
     def label(self) -> str:
         return "16" if not self.quantized else f"{self.bits}{'fp8' if self.fmt == 'fp8' else ''}"
 
 
-def decode(x: Encoded, dtype: torch.dtype) -> torch.Tensor:
-    return x.dequantize(dtype) if isinstance(x, QuantizedTensor) else x.to(dtype)
+def decode(x: Encoded, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` as a ``dtype`` tensor, written into ``out`` when given."""
+    if isinstance(x, QuantizedTensor):
+        return x.dequantize(dtype, out=out)
+    return x.to(dtype) if out is None else out.copy_(x)
+
+
+def fit_basis(x: torch.Tensor, rank: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal ``[..., D, rank]`` basis of the ``rank`` strongest directions of each ``x[..., T, D]`` (its top
+    right singular vectors), from the rows where ``valid[..., T]``; in ``x``'s dtype.
+
+    Computed as eigenvectors of the ``D x D`` Gram matrix, so any token count works (fewer than ``rank`` too)
+    and ``rank == D`` is an exact change of basis.
+    """
+    wide = x.float()
+    weighted = wide if valid is None else wide * valid[..., None]
+    _, vectors = torch.linalg.eigh(weighted.mT @ wide)  # ascending eigenvalues
+    return vectors[..., -rank:].flip(-1).to(x.dtype).contiguous()
+
+
+def segment_matmul(x: torch.Tensor, segments: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """``x[i] @ mats[segments[i]]`` for rows ``x[N, a]`` and ``mats[S, a, b]``: rows padded per segment, one bmm."""
+    counts = torch.bincount(segments, minlength=mats.shape[0])
+    order = torch.sort(segments, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.shape[0], device=order.device) - (counts.cumsum(0) - counts)[segments[order]]
+    padded = x.new_zeros(mats.shape[0], int(counts.max()), x.shape[-1])
+    padded[segments, ranks] = x
+    return torch.bmm(padded, mats.to(x.dtype))[segments, ranks]
 
 
 def _fields(x: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -109,6 +151,10 @@ class DenseStore:
     values: Encoded | None = None
     length: int = 0
 
+    def __post_init__(self):
+        if self.key.rank or self.value.rank:
+            raise ValueError("a DenseStore holds full-rank tokens; low rank (rank=...) needs a RaggedStore")
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         ek, ev = self.key.encode(k), self.value.encode(v)
         self.keys = ek if self.keys is None else cat([self.keys, ek], dim=2)
@@ -117,6 +163,11 @@ class DenseStore:
 
     def decode(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return decode(self.keys, dtype), decode(self.values, dtype)
+
+    def decode_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the stored tokens into the first ``length`` slots of ``keys``/``values`` ``[B, H, T, D]``."""
+        decode(self.keys, keys.dtype, out=keys[:, :, : self.length])
+        decode(self.values, values.dtype, out=values[:, :, : self.length])
 
     def select_batch(self, index: torch.Tensor) -> None:
         if self.keys is not None:
@@ -139,6 +190,9 @@ class RaggedStore:
     ``keys``/``values`` are encoded rows ``[N, D]`` sorted by (batch, head), then by arrival; ``counts[B, H]``
     says how many rows each head holds. ``positions`` (int32) and ``scores`` (running mean of the attention a
     token receives, fp16) with ``ages`` (observations, saturating at 255, uint8) let policies re-rank tokens.
+
+    Low-rank keys (``key.rank``): rows hold coefficients on ``basis[B * H, D, rank]`` (set it, e.g. from
+    `fit_basis`, before the first ``add``); keys come back as ``coefficients @ basis^T``. Stores may share one.
     """
 
     key: Precision
@@ -149,6 +203,11 @@ class RaggedStore:
     positions: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     ages: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.value.rank:
+            raise ValueError(f"value rank={self.value.rank}: low rank applies to keys only")
 
     @property
     def rows(self) -> int:
@@ -156,7 +215,9 @@ class RaggedStore:
 
     def segments(self) -> torch.Tensor:
         """The (batch * heads) segment id of every row."""
-        return torch.repeat_interleave(torch.arange(self.counts.numel(), device=self.counts.device), self.counts.flatten())
+        return torch.repeat_interleave(
+            torch.arange(self.counts.numel(), device=self.counts.device), self.counts.flatten()
+        )
 
     def ranks(self, segments: torch.Tensor) -> torch.Tensor:
         """Position of every row inside its segment."""
@@ -181,6 +242,10 @@ class RaggedStore:
         """Insert rows (each with its segment id), keeping rows sorted by segment and, inside one, by arrival."""
         if segments.numel() == 0:
             return
+        if self.key.rank:
+            if self.basis is None:
+                raise RuntimeError("low-rank keys need a basis: set store.basis (e.g. from fit_basis) before add()")
+            k = segment_matmul(k, segments, self.basis)
         new = {
             "keys": self.key.encode(k),
             "values": self.value.encode(v),
@@ -211,10 +276,12 @@ class RaggedStore:
     def take(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Remove the rows where ``mask`` is True and return them decoded (for demotion to another tier)."""
         index = mask.nonzero().squeeze(1)
+        segments = self.segments()[index]
+        k = decode(select(self.keys, 0, index), dtype)
         out = {
-            "k": decode(select(self.keys, 0, index), dtype),
+            "k": segment_matmul(k, segments, self.basis.mT) if self.key.rank else k,
             "v": decode(select(self.values, 0, index), dtype),
-            "segments": self.segments()[index],
+            "segments": segments,
             "positions": self.positions[index],
             "scores": self.scores[index],
             "ages": self.ages[index],
@@ -228,21 +295,29 @@ class RaggedStore:
         width = int(self.counts.max()) if self.rows else 0
         segments = self.segments()
         ranks = self.ranks(segments)
-        if self.rows:
-            k, v = decode(self.keys, dtype), decode(self.values, dtype)
         if self.rows and bool((self.counts == width).all()):  # every head holds as many: a plain view
-            valid = torch.ones(batch, heads, width, dtype=torch.bool, device=self.counts.device)
-            return k.view(batch, heads, width, -1), v.view(batch, heads, width, -1), valid, segments, ranks
-        head_dim = k.shape[-1] if self.rows else 0
-        pk = torch.zeros(batch * heads, width, head_dim, dtype=dtype, device=self.counts.device)
-        pv = torch.zeros_like(pk)
-        valid = torch.zeros(batch * heads, width, dtype=torch.bool, device=self.counts.device)
-        if self.rows:
-            pk[segments, ranks] = k
-            pv[segments, ranks] = v
-            valid[segments, ranks] = True
+            pk = decode(self.keys, dtype).view(batch * heads, width, -1)
+            pv = decode(self.values, dtype).view(batch * heads, width, -1)
+            valid = torch.ones(batch * heads, width, dtype=torch.bool, device=self.counts.device)
+        else:
+            pk, pv, valid = self._pad(dtype, segments, ranks, width)
+        if self.key.rank and self.rows:
+            pk = torch.bmm(pk, self.basis.to(dtype).mT)  # coefficients -> keys, for this step only
         shape = (batch, heads, width)
         return pk.view(*shape, -1), pv.view(*shape, -1), valid.view(shape), segments, ranks
+
+    def _pad(self, dtype: torch.dtype, segments: torch.Tensor, ranks: torch.Tensor, width: int):
+        """Rows scattered into zero-padded ``[B * H, width, ...]`` keys and values, with their validity."""
+        device, slots = self.counts.device, self.counts.numel()
+        valid = torch.zeros(slots, width, dtype=torch.bool, device=device)
+        if not self.rows:
+            empty = torch.zeros(slots, 0, 0, dtype=dtype, device=device)
+            return empty, empty, valid
+        k, v = decode(self.keys, dtype), decode(self.values, dtype)
+        pk = k.new_zeros(slots, width, k.shape[-1])
+        pv = v.new_zeros(slots, width, v.shape[-1])
+        pk[segments, ranks], pv[segments, ranks], valid[segments, ranks] = k, v, True
+        return pk, pv, valid
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or repeat whole batch rows (beam search): each new row copies the segments of ``index[b]``."""
@@ -258,4 +333,6 @@ class RaggedStore:
         if self.rows:
             for name in ("keys", "values", "positions", "scores", "ages"):
                 setattr(self, name, select(getattr(self, name), 0, row_index))
+        if self.basis is not None:
+            self.basis = self.basis.index_select(0, source)
         self.counts = lengths.view(index.shape[0], heads)

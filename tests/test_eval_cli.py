@@ -44,7 +44,10 @@ def loaded(monkeypatch):
 
 
 def test_eval_command_end_to_end(loaded, tmp_path, capsys):
-    assert main(["eval", *PASSKEY, "--n-per-cell", "1", "--methods", "full", "--out", str(tmp_path), "--dtype", "float32"]) == 0
+    assert (
+        main(["eval", *PASSKEY, "--n-per-cell", "1", "--methods", "full", "--out", str(tmp_path), "--dtype", "float32"])
+        == 0
+    )
     assert loaded == [("smollm2-135m", "float32", None)]
     assert len(read_rows(tmp_path / ROWS)) == 2
     out = capsys.readouterr().out
@@ -98,7 +101,19 @@ def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
 
 def test_bench_command(loaded, tmp_path, capsys, monkeypatch):
     methods = "hf-quanto:4" if QUANTO else "full"
-    argv = ["bench", "--methods", methods, "--lengths", "64,128", "--decode-tokens", "2", "--repeats", "1", "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "--methods",
+        methods,
+        "--lengths",
+        "64,128",
+        "--decode-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     monkeypatch.setattr(sys, "argv", ["leankv", *argv])
     assert main(argv) == 0
     text = (tmp_path / "bench.csv").read_text()

@@ -20,7 +20,10 @@ from leankv_hf.testing import tiny_model
         ("hetero:k8v4", MethodSpec("hetero", {"key_bits": 8, "value_bits": 4})),
         (
             "hetero:k4v2,g32,chan,r64",
-            MethodSpec("hetero", {"key_bits": 4, "value_bits": 2, "group_size": 32, "key_axis": "channel", "residual_length": 64}),
+            MethodSpec(
+                "hetero",
+                {"key_bits": 4, "value_bits": 2, "group_size": 32, "key_axis": "channel", "residual_length": 64},
+            ),
         ),
         ("sparse:adakv@0.2", MethodSpec("sparse", {"policy": "adakv", "budget": 0.2})),
         ("sparse:snapkv@512", MethodSpec("sparse", {"policy": "snapkv", "budget": 512})),
@@ -30,14 +33,19 @@ from leankv_hf.testing import tiny_model
             "unified:k8v4/k4v2,ap0.02,aq1.0",
             MethodSpec("unified", {"high": (8, 4), "low": (4, 2), "alpha_prune": 0.02, "alpha_quant": 1.0}),
         ),
-        ({"method": "hetero", "key_bits": 4, "value_bits": 2, "name": "mine"}, MethodSpec("hetero", {"key_bits": 4, "value_bits": 2})),
+        (
+            {"method": "hetero", "key_bits": 4, "value_bits": 2, "name": "mine"},
+            MethodSpec("hetero", {"key_bits": 4, "value_bits": 2}),
+        ),
     ],
 )
 def test_parse_forms(spec, expected):
     assert parse_method(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["nope", "full:3", "hf-quanto", "hf-quanto:x", "hetero:k8", "sparse:adakv", "hf-fp8:2"])
+@pytest.mark.parametrize(
+    "spec", ["nope", "full:3", "hf-quanto", "hf-quanto:x", "hetero:k8", "sparse:adakv", "hf-fp8:2"]
+)
 def test_unknown_forms_list_the_valid_ones(spec):
     with pytest.raises(ValueError, match="valid forms") as error:
         parse_method(spec)
@@ -52,7 +60,9 @@ def test_unknown_option_is_named():
 def test_yaml_files(tmp_path):
     pipeline = tmp_path / "lean.yaml"
     pipeline.write_text("pipeline:\n  - quantize: {bits: 4}\n")
-    assert parse_method(str(pipeline)) == MethodSpec("unified-config", {"config": {"pipeline": [{"quantize": {"bits": 4}}]}})
+    assert parse_method(str(pipeline)) == MethodSpec(
+        "unified-config", {"config": {"pipeline": [{"quantize": {"bits": 4}}]}}
+    )
     hetero = tmp_path / "hetero.yml"
     hetero.write_text("method: hetero\nkey_bits: 8\nvalue_bits: 4\ngroup_size: 32\n")
     assert parse_method(str(hetero)) == MethodSpec("hetero", {"key_bits": 8, "value_bits": 4, "group_size": 32})
@@ -95,7 +105,9 @@ def test_make_quanto_cache():
 
 def test_missing_backend_names_the_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum.quanto" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optimum.quanto" else real(name, *a)
+    )
     with pytest.raises(ImportError, match="pip install optimum-quanto"):
         make_cache("hf-quanto:4", tiny_model())
 

@@ -67,21 +67,39 @@ def test_passkey_generator_reproduces_the_shared_set():
         assert passkey_example(n_sentences, row["depth"], str(row["key"])).prompt == row["text"]
     examples = load_passkey_file(PEERS)
     assert len(examples) == len(rows) and examples[0].question == QUESTION
-    assert examples[0].metadata == {"length": rows[0]["length_bucket"], "n_tokens": rows[0]["n_tokens"], "depth": rows[0]["depth"]}
+    assert examples[0].metadata == {
+        "length": rows[0]["length_bucket"],
+        "n_tokens": rows[0]["n_tokens"],
+        "depth": rows[0]["depth"],
+    }
 
 
 def test_passkey_shared_set(tok, tmp_path, caplog):
     rows = [
-        {"length_bucket": 2048, "n_tokens": 2050, "depth": 0.25, "key": 12345, "text": passkey_example(10, 0.25, "12345").prompt},
+        {
+            "length_bucket": 2048,
+            "n_tokens": 2050,
+            "depth": 0.25,
+            "key": 12345,
+            "text": passkey_example(10, 0.25, "12345").prompt,
+        },
         {"length_bucket": 4096, "n_tokens": 4101, "depth": 0.5},  # no key/text: reported, skipped
-        {"length_bucket": 4096, "n_tokens": 4090, "depth": 0.5, "key": "67890", "text": passkey_example(20, 0.5, "67890").prompt},
+        {
+            "length_bucket": 4096,
+            "n_tokens": 4090,
+            "depth": 0.5,
+            "key": "67890",
+            "text": passkey_example(20, 0.5, "67890").prompt,
+        },
     ]
     path = tmp_path / "peers.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING):
         examples = load_passkey_file(path)
     assert [e.answers for e in examples] == [("12345",), ("67890",)]
-    assert all(e.question == QUESTION and e.prompt == r["text"] for e, r in zip(examples, [rows[0], rows[2]], strict=True))
+    assert all(
+        e.question == QUESTION and e.prompt == r["text"] for e, r in zip(examples, [rows[0], rows[2]], strict=True)
+    )
     assert examples[1].metadata == {"length": 4096, "n_tokens": 4090, "depth": 0.5}
     assert "peers.jsonl:2" in caplog.text
     assert PasskeyTask(data=path).examples(tok, 0) == examples
@@ -97,7 +115,10 @@ def test_ruler_answers_are_in_their_prompts(tok):
 
 
 def test_ruler_semantics(tok):
-    by = {e.task: e for e in RulerTask(["niah_multiquery", "vt", "cwe", "fwe"], lengths=[1500], n_per_cell=1).examples(tok, 3)}
+    by = {
+        e.task: e
+        for e in RulerTask(["niah_multiquery", "vt", "cwe", "fwe"], lengths=[1500], n_per_cell=1).examples(tok, 3)
+    }
     multiquery = by["ruler/niah_multiquery"]
     assert len(multiquery.answers) == 4 and "for " in multiquery.question and ", and " in multiquery.question
     vt = by["ruler/vt"]

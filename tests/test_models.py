@@ -52,5 +52,7 @@ def test_tiny_models_generate_with_dynamic_cache(arch, tiny_tok):
     model = tiny_model(arch)
     assert sum(p.numel() * p.element_size() for p in model.parameters()) < 4 * 2**20
     inputs = tiny_tok(["a longer first prompt, padded on the left", "short"], return_tensors="pt", padding=True)
-    out = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), max_new_tokens=12, do_sample=False)
+    out = model.generate(
+        **inputs, past_key_values=DynamicCache(config=model.config), max_new_tokens=12, do_sample=False
+    )
     assert out.shape == (2, inputs.input_ids.shape[1] + 12)

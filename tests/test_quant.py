@@ -143,6 +143,20 @@ def test_dequantize_dtype_override_and_noncontiguous_input(axis: str) -> None:
         q.dequantize(torch.int32)
 
 
+@pytest.mark.parametrize("fmt,bits", [("int", 2), ("int", 4), ("int", 8), ("fp8", 8)])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_dequantize_into_a_slice_of_a_bigger_buffer(axis: str, fmt: str, bits: int) -> None:
+    """``out=`` writes exactly what a fresh dequantize returns, only into its slice (the cache's hot path)."""
+    x = torch.randn(2, 3, 16, 32, generator=_gen(1))
+    q = quantize(x, bits, 8, axis, fmt)
+    buffer = torch.full((2, 3, 20, 32), 7.0)
+    dequantize(q, out=buffer[:, :, :16])
+    assert torch.equal(buffer[:, :, :16], dequantize(q, torch.float32))
+    assert (buffer[:, :, 16:] == 7.0).all()
+    with pytest.raises(ValueError, match="shape"):
+        dequantize(q, out=buffer)
+
+
 # --------------------------------------------------------------------------- robustness
 
 

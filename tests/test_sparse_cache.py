@@ -1,5 +1,6 @@
 """Tests for `SparseHeadCache`: lossless at budget 1.0, real memory release, per-head budgets, sinks and recent
-window kept, padding never kept, bounded long generation, every policy, and every way `generate` drives it."""
+window kept, padding never kept, bounded long generation, every policy, every way `generate` drives it, and the
+query-aware `quest` policy (nothing evicted, fewer keys attended)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import math
 import pytest
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from leankv_hf.caches.base import SlidingWindowLayer
 from leankv_hf.caches.layer import LeanLayer
 from leankv_hf.caches.sparse import SparseHeadCache
-from leankv_hf.policy import Candidates, sparse_policy
 from leankv_hf.testing import ARCHITECTURES, tiny_model
 
 # The default init (0.02) makes the random llama/qwen2/mistral emit one token forever, so "same output as
@@ -25,7 +25,7 @@ BATCH_PROMPTS = [
     "A medium-sized prompt here.",
     "Prompt number four, fairly long as well",
 ]
-POLICIES = ("snapkv", "adakv", "h2o", "streaming", "pyramid", "chunkkv", "threshold")
+POLICIES = ("snapkv", "adakv", "h2o", "streaming", "pyramid", "chunkkv", "threshold")  # the evicting ones
 GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
 
 
@@ -82,12 +82,14 @@ def recent_positions(layer: LeanLayer) -> list[int]:
 # --------------------------------------------------------------------------- budget 1.0: exactly a DynamicCache
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ("pyramid", "chunkkv")])  # both: xfail below
+@pytest.mark.parametrize("policy", POLICIES + ("quest",))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_full_budget_matches_dynamic_cache_on_tiny_models(arch, policy, tiny_tok):
     model = lively(arch)
     inputs = tiny_tok([TINY_PROMPT], return_tensors="pt")
-    cache = SparseHeadCache(model, budget=1.0, policy=policy, recent=8, window=8, interval=4)
+    cache = SparseHeadCache(
+        model, budget=1.0, storage_dtype=torch.float32, policy=policy, recent=8, window=8, interval=4
+    )
     assert model.config._attn_implementation == "leankv"
     out = generate(model, inputs, cache, max_new_tokens=24)
     ref = generate(model, inputs, DynamicCache(config=model.config), max_new_tokens=24)  # untagged: plain sdpa
@@ -99,59 +101,39 @@ def test_full_budget_matches_dynamic_cache_on_tiny_models(arch, policy, tiny_tok
     assert all(sum(t.rows for t in layer.tiers) > 0 for layer in lean_layers(cache))  # the body path was used
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PyramidPolicy.select scales each layer's budget by (2-beta)..beta (1.6x..0.4x) without capping it "
-    "at the tokens there are or giving the unusable excess to other layers: at budget=1.0 the upper layers "
-    "evict (tiny llama, 222 tokens seen: layers 0-1 keep 222, layer 2 186, layer 3 115 per head), "
-    "so budget=1.0 is not lossless",
-)
-def test_full_budget_pyramid_matches_dynamic_cache(tiny_tok):
+@pytest.mark.parametrize("policy", ["pyramid", "chunkkv"])
+def test_full_budget_keeps_everything_with_default_settings(policy, tiny_tok):
+    """Regression: pyramid gave upper layers 0.4x of budget=1.0 and chunkkv dropped chunks straddling the sinks,
+    so both evicted at budget 1.0 (here with the default window, recent 32 and interval 16)."""
     model = lively("llama")
     inputs = tiny_tok([TINY_PROMPT], return_tensors="pt")
-    cache = SparseHeadCache(model, budget=1.0, policy="pyramid")
+    cache = SparseHeadCache(model, budget=1.0, storage_dtype=torch.float32, policy=policy)
     out = generate(model, inputs, cache, max_new_tokens=40)
     ref = generate(model, inputs, DynamicCache(config=model.config), max_new_tokens=40)
     assert (cache.kept_tokens() == out.shape[1] - 1).all()
     assert torch.equal(out, ref)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ChunkKVPolicy.select keeps ceil(budget / chunk) chunks, but Policy.assign has already taken the sinks "
-    "out of the budget while chunks stay aligned to absolute positions, and the candidates (sinks and the recent "
-    "window excluded) start and end mid-chunk: at budget=1.0 whole chunks are evicted. Minimal: 12 candidates at "
-    "positions 0..11, sinks 0..3, budget 12 -> only 1 of the 2 chunks holding the 8 non-sink tokens is kept "
-    "(4 tokens pruned)",
-)
-def test_full_budget_chunkkv_keeps_everything(tiny_tok):
-    n = 12
-    positions = torch.arange(n).view(1, 1, n)
-    candidates = Candidates(
-        scores=torch.rand(1, 1, n, generator=torch.Generator().manual_seed(0)),
-        positions=positions,
-        valid=torch.ones(1, 1, n, dtype=torch.bool),
-        sink=positions < 4,
-        budget=torch.tensor([n]),
-        context=torch.tensor([n]),
-        layer_idx=0,
-        num_layers=1,
-    )
-    assert (sparse_policy("chunkkv").assign(candidates) == 0).all()
+def test_pyramid_lower_layers_keep_more_and_the_mean_is_the_budget(tiny_tok):
     model = lively("llama")
-    inputs = tiny_tok([TINY_PROMPT], return_tensors="pt")
-    cache = SparseHeadCache(model, budget=1.0, policy="chunkkv", recent=8, window=8, interval=4)
-    out = generate(model, inputs, cache, max_new_tokens=24)
-    assert (cache.kept_tokens() == out.shape[1] - 1).all()
-    assert torch.equal(out, generate(model, inputs, DynamicCache(config=model.config), max_new_tokens=24))
+    ids = tiny_tok(TINY_PROMPT * 2, return_tensors="pt").input_ids  # 366 tokens
+    cache = SparseHeadCache(model, budget=0.5, policy="pyramid")
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    per_layer = cache.kept_tokens().float().mean((1, 2)).tolist()
+    assert per_layer == sorted(per_layer, reverse=True) and per_layer[0] > 1.5 * per_layer[-1]
+    assert abs(sum(per_layer) / len(per_layer) - math.ceil(0.5 * ids.shape[1])) <= 0.5
 
 
-def test_full_budget_matches_dynamic_cache_on_smollm2(smol):
+@pytest.mark.parametrize("policy", ["adakv", "quest"])
+def test_full_budget_matches_dynamic_cache_on_smollm2(policy, smol):
     model, tok = smol
     inputs = tok(
         "The three primary colors are red, yellow and blue. The three secondary colors are", return_tensors="pt"
     )
-    cache = SparseHeadCache(model, budget=1.0, recent=4, window=4, interval=2)
+    cache = SparseHeadCache(
+        model, budget=1.0, storage_dtype=torch.float32, policy=policy, recent=4, window=4, interval=2
+    )
     assert model.config._attn_implementation == "leankv"
     out = generate(model, inputs, cache, max_new_tokens=8)
     assert torch.equal(out, generate(model, inputs, DynamicCache(config=model.config), max_new_tokens=8))
@@ -186,7 +168,7 @@ def test_pruned_tokens_leave_memory_on_smollm2(smol, passkey_ids):
         if budget == 0.25:
             # each layer's heads share math.ceil(0.25 * 600) = 150 tokens on average, plus the 3 decode steps
             assert kept.float().mean(-1).flatten().tolist() == [153.0] * 30
-        lower, upper = kept_bytes_bounds(cache, model.dtype.itemsize)
+        lower, upper = kept_bytes_bounds(cache, 2)  # kept tokens are held at 16 bits
         assert lower <= cache.nbytes() <= upper, (lower, cache.nbytes(), upper)
         nbytes[budget] = cache.nbytes()
     assert nbytes[0.25] < 0.35 * nbytes[1.0], nbytes
@@ -226,7 +208,7 @@ def test_pruned_tokens_leave_memory_right_after_prefill(tiny_tok):
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, past_key_values=dense)
-    lower, upper = kept_bytes_bounds(cache, model.dtype.itemsize)
+    lower, upper = kept_bytes_bounds(cache, 2)  # kept tokens are held at 16 bits
     assert cache.nbytes() < 0.5 * dense_bytes(dense)
     assert lower <= cache.nbytes() <= upper, (lower, cache.nbytes(), upper)
 
@@ -279,7 +261,7 @@ def test_sinks_and_recent_window_are_never_evicted(tiny_tok):
     model = lively("llama")
     more = tiny_tok("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 4, return_tensors="pt").input_ids
     ids = more[:, :200]
-    cache = SparseHeadCache(model, budget=16, recent=8, sink=4, interval=4)
+    cache = SparseHeadCache(model, budget=16, recent=8, sink=4, interval=4, storage_dtype=torch.float32)
     with torch.no_grad():
         model(ids, past_key_values=cache)
     dynamic = DynamicCache(config=model.config)
@@ -343,7 +325,10 @@ def test_left_padded_batch(tiny_tok):
                 assert body[:4] == list(range(pads[b], pads[b] + 4))  # the sinks are the first real tokens
     ref = generate(model, inputs, DynamicCache(config=model.config), max_new_tokens=24)
     full = generate(
-        model, inputs, SparseHeadCache(model, budget=1.0, recent=8, window=8, interval=4), max_new_tokens=24
+        model,
+        inputs,
+        SparseHeadCache(model, budget=1.0, storage_dtype=torch.float32, recent=8, window=8, interval=4),
+        max_new_tokens=24,
     )
     assert torch.equal(full, ref)
 
@@ -353,7 +338,12 @@ def test_beam_search(tiny_tok):
     inputs = tiny_tok([TINY_PROMPT[:100]], return_tensors="pt")
     beams = dict(num_beams=2, num_return_sequences=2, max_new_tokens=20, early_stopping=True)
     ref = generate(model, inputs, DynamicCache(config=model.config), **beams)
-    out = generate(model, inputs, SparseHeadCache(model, budget=1.0, recent=8, window=8, interval=4), **beams)
+    out = generate(
+        model,
+        inputs,
+        SparseHeadCache(model, budget=1.0, storage_dtype=torch.float32, recent=8, window=8, interval=4),
+        **beams,
+    )
     assert not torch.equal(out[0], out[1])
     assert torch.equal(out, ref)
     cache = SparseHeadCache(model, budget=0.5, recent=8, window=8, interval=4)
@@ -373,7 +363,7 @@ def _two_turns(model, tok, cache):
 def test_multi_turn(tiny_tok):
     model = lively("llama")
     ref = _two_turns(model, tiny_tok, DynamicCache(config=model.config))
-    full = SparseHeadCache(model, budget=1.0, recent=8, window=8, interval=4)
+    full = SparseHeadCache(model, budget=1.0, storage_dtype=torch.float32, recent=8, window=8, interval=4)
     assert torch.equal(_two_turns(model, tiny_tok, full), ref)
     cache = SparseHeadCache(model, budget=0.5, recent=8, window=8, interval=4)
     out = _two_turns(model, tiny_tok, cache)
@@ -415,7 +405,7 @@ def test_long_generation_stays_bounded(tiny_tok):
 def test_gemma3_sliding_layers_stay_windows(tiny_tok):
     model = lively("gemma3")
     cache = SparseHeadCache(model, budget=0.5, recent=8, window=8, interval=4)
-    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer] * 5 + [LeanLayer]
+    assert [type(layer) for layer in cache.layers] == [SlidingWindowLayer] * 5 + [LeanLayer]
     inputs = tiny_tok([TINY_PROMPT], return_tensors="pt")
     out = generate(model, inputs, cache, max_new_tokens=30)
     seen = out.shape[1] - 1
@@ -425,19 +415,14 @@ def test_gemma3_sliding_layers_stay_windows(tiny_tok):
     assert cache.kept_tokens().float().mean() <= math.ceil(0.5 * seen) + 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PyramidPolicy.select computes the layer's share from layer_idx / (num_layers - 1) over all layers, "
-    "sliding ones included: on gemma3 (5 sliding + 1 full) the only compressed layer is the last and gets 0.4x "
-    "the budget, so the mean over compressed layers is 0.4 * budget instead of budget",
-)
 def test_gemma3_pyramid_mean_budget_over_compressed_layers(tiny_tok):
     model = lively("gemma3")
     cache = SparseHeadCache(model, budget=0.5, policy="pyramid", recent=8, window=8, interval=4)
     inputs = tiny_tok([TINY_PROMPT], return_tensors="pt")
     with torch.no_grad():
         model(**inputs, past_key_values=cache)
-    assert cache.kept_tokens().float().mean() >= math.ceil(0.5 * inputs.input_ids.shape[1]) - 1
+    # the only compressed layer is the last of 6, but the first of 1: it gets the whole budget, not 0.4x of it
+    assert cache.kept_tokens().float().mean() == math.ceil(0.5 * inputs.input_ids.shape[1])
 
 
 def test_other_attention_implementation_raises(tiny_tok):
@@ -462,6 +447,8 @@ def test_other_attention_implementation_raises(tiny_tok):
         (dict(window=0), "window=0"),
         (dict(gqa="min"), "gqa='min'"),
         (dict(policy="snapkv", floor=0.1), r"floor"),
+        (dict(policy="pyramid", beta=0.0), r"beta=0\.0"),
+        (dict(policy="quest", page_size=0), "page_size=0"),
     ],
 )
 def test_bad_settings_raise_at_construction(kwargs, named):
@@ -485,3 +472,156 @@ def test_every_policy_respects_the_budget(policy, tiny_tok):
     for mean in means:
         assert mean <= math.ceil(0.3 * seen) + 32 + 16
         assert mean < 0.6 * seen  # really evicted
+
+
+# --------------------------------------------------------------------------- quest: evicts nothing, attends fewer keys
+
+
+def page_bounds(keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise min and max of ``keys[T, D]`` per page of ``size`` tokens, recomputed from scratch."""
+    pages = torch.split(keys, size)
+    return torch.stack([p.amin(0) for p in pages]), torch.stack([p.amax(0) for p in pages])
+
+
+def assert_page_bounds_match_the_store(layer: LeanLayer, size: int = 16) -> None:
+    tier, heads = layer.tiers[0], layer.keys.shape[1]
+    for segment, keys in enumerate(torch.split(tier.keys, tier.counts.flatten().tolist())):
+        b, h = divmod(segment, heads)
+        low, high = page_bounds(keys, size)
+        assert torch.equal(layer.page_low[b, h, : len(low)], low)
+        assert torch.equal(layer.page_high[b, h, : len(high)], high)
+
+
+def record_widths(monkeypatch) -> list[tuple[int, int, int, int]]:
+    """(tokens seen, exact window, stored tokens per head, keys in the body view) for every decode-time body view."""
+    widths = []
+    original = LeanLayer.body_view
+
+    def spy(self, dtype, query=None):
+        view = original(self, dtype, query)
+        if query is not None and query.shape[2] == 1 and view is not None:
+            widths.append((self.seen, self.keys.shape[-2], int(self.tiers[0].counts.max()), view[0].shape[2]))
+        return view
+
+    monkeypatch.setattr(LeanLayer, "body_view", spy)
+    return widths
+
+
+def test_quest_attends_only_the_pages_its_budget_allows(tiny_tok, monkeypatch):
+    model = lively("llama")
+    inputs = tiny_tok([TINY_PROMPT * 2], return_tensors="pt")  # 366 tokens
+    widths = record_widths(monkeypatch)
+    cache = SparseHeadCache(model, budget=0.25, policy="quest")  # recent 32, sink 4, pages of 16
+    out = generate(model, inputs, cache, max_new_tokens=24)
+    assert (cache.kept_tokens() == out.shape[1] - 1).all()  # nothing evicted: a speed policy
+    assert len(widths) == 23 * 4  # every decode step of every layer
+    for seen, window, stored, width in widths:
+        # the budget counts the exact window: ceil(0.25 * seen) - window tokens from the body, in whole pages
+        pages = math.ceil((math.ceil(0.25 * seen) - window) / 16)
+        assert width == 16 * pages < 0.35 * stored
+
+
+def test_quest_always_attends_the_sinks_page(tiny_tok, monkeypatch):
+    """A budget smaller than the recent window still leaves the sinks attended (their page, 16 keys)."""
+    model = lively("llama")
+    widths = record_widths(monkeypatch)
+    generate(
+        model, tiny_tok([TINY_PROMPT * 2], return_tensors="pt"), SparseHeadCache(model, budget=0.01, policy="quest")
+    )
+    assert [width for *_, width in widths] == [16] * 15 * 4
+
+
+def test_quest_view_holds_the_pages_with_the_highest_bounds(tiny_tok):
+    """The gathered view is exactly the stored keys of the top pages, ranked from bounds recomputed from scratch
+    (incremental bounds, page choice and gather all checked against a brute-force reference)."""
+    model = lively("llama")
+    inputs = tiny_tok([TINY_PROMPT * 2], return_tensors="pt")
+    cache = SparseHeadCache(model, budget=0.25, policy="quest")
+    generate(model, inputs, cache, max_new_tokens=24)
+    torch.manual_seed(0)
+    query = torch.randn(1, 4, 1, 16)  # 4 query heads, 2 per KV head
+    for layer in lean_layers(cache):
+        assert_page_bounds_match_the_store(layer)
+        keys, values, valid = layer.body_view(torch.float32, query)
+        full_keys, full_values, _ = layer.body_view(torch.float32)
+        pages = math.ceil((math.ceil(0.25 * layer.seen) - layer.keys.shape[-2]) / 16)
+        for h in range(2):
+            low, high = page_bounds(full_keys[0, h], 16)
+            q = query[0, 2 * h : 2 * h + 2, 0]  # [2, D]
+            bound = torch.maximum(q[:, None] * low, q[:, None] * high).sum(-1).amax(0)
+            bound[0] = torch.inf  # the sinks' page
+            top = bound.topk(pages).indices.sort().values
+            ranks = (top[:, None] * 16 + torch.arange(16)).flatten()
+            ranks = ranks[ranks < full_keys.shape[2]]
+            assert torch.equal(keys[0, h][valid[0, h]], full_keys[0, h, ranks])
+            assert torch.equal(values[0, h][valid[0, h]], full_values[0, h, ranks])
+
+
+def test_quest_page_bounds_are_updated_incrementally(tiny_tok, monkeypatch):
+    """Only the tokens entering the store are folded into the bounds: the prompt's once, then each interval's."""
+    added = []
+    original = LeanLayer._add_to_pages
+
+    def spy(self, keys, segments, ranks):
+        added.append(keys.shape[0])
+        return original(self, keys, segments, ranks)
+
+    monkeypatch.setattr(LeanLayer, "_add_to_pages", spy)
+    model = lively("llama")
+    inputs = tiny_tok([TINY_PROMPT], return_tensors="pt")  # 183 tokens
+    cache = SparseHeadCache(model, budget=0.25, policy="quest", interval=16)  # recent 32, 2 KV heads
+    generate(model, inputs, cache, max_new_tokens=40)
+    prompt, heads = inputs.input_ids.shape[1], 2
+    # per layer: the prefill's exits, then two compactions of 16 tokens (at 48 and 64 tokens in the window)
+    assert added == [(prompt - 32) * heads] * 4 + [16 * heads] * 8
+    for layer in lean_layers(cache):
+        assert_page_bounds_match_the_store(layer)
+        assert layer.page_low.shape[2] == math.ceil((prompt + 32 - 32) / 16)
+
+
+def test_quest_left_padded_batch(tiny_tok, monkeypatch):
+    model = lively("llama")
+    inputs = tiny_tok(BATCH_PROMPTS, return_tensors="pt", padding=True)
+    pads = (inputs.attention_mask == 0).sum(1)
+    widths = record_widths(monkeypatch)
+    cache = SparseHeadCache(model, budget=0.5, policy="quest", recent=8, window=8, sink=4, interval=4, page_size=4)
+    out = generate(model, inputs, cache, max_new_tokens=24)
+    assert out.shape == (4, inputs.input_ids.shape[1] + 24)
+    real = inputs.input_ids.shape[1] + 23 - pads
+    assert torch.equal(cache.kept_tokens()[:, :, 0], real.expand(4, -1))  # every real token, no padding
+    for layer in lean_layers(cache):
+        assert_page_bounds_match_the_store(layer, size=4)
+        for b in range(4):
+            assert stored_positions(layer, b, 0)[0] == pads[b]
+    assert all(width < stored for *_, stored, width in widths[-4:])
+    ref = generate(model, inputs, DynamicCache(config=model.config), max_new_tokens=24)
+    full = SparseHeadCache(
+        model, budget=1.0, storage_dtype=torch.float32, policy="quest", recent=8, window=8, interval=4, page_size=4
+    )
+    assert torch.equal(generate(model, inputs, full, max_new_tokens=24), ref)
+
+
+def test_quest_nbytes_counts_every_token_and_the_page_bounds(tiny_tok):
+    model = lively("llama")
+    ids = tiny_tok(TINY_PROMPT * 2, return_tensors="pt").input_ids
+    cache = SparseHeadCache(model, budget=0.25, policy="quest")
+    generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cache, max_new_tokens=4)
+    bounds = sum(2 * layer.page_low.numel() * layer.page_low.element_size() for layer in lean_layers(cache))
+    assert bounds > 0
+    assert cache.nbytes() == documented_nbytes(cache) + bounds
+
+
+def test_quest_finds_the_passkey_on_smollm2(smol, monkeypatch):
+    """The needle sits mid-prompt, far from the recent window: only the pages Quest picks per query bring it."""
+    model, tok = smol
+    head = open("eval/data/passkey_2k.txt").read().split("\n")[0]
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    needle = "The pass key is 31415. Remember it. 31415 is the pass key. "
+    prompt = f"{head}\n{filler * 12}{needle}{filler * 12}\nWhat is the pass key? The pass key is"
+    inputs = tok(prompt, return_tensors="pt")
+    widths = record_widths(monkeypatch)
+    cache = SparseHeadCache(model, budget=0.1, policy="quest")
+    out = generate(model, inputs, cache, max_new_tokens=6)
+    assert "31415" in tok.decode(out[0, inputs.input_ids.shape[1] :])
+    # ceil(0.1 * ~645) - ~33 in the window: 2 pages of 16 (the sinks' page one of them) out of ~610 stored
+    assert [width for *_, width in widths] == [32] * 5 * 30 and min(stored for *_, stored, _ in widths) > 600

@@ -10,7 +10,12 @@ from collections.abc import Callable
 
 import torch
 from transformers import Cache, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    CacheLayerMixin,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 from ..monitor import cache_nbytes, compression_ratio, dense_nbytes
 
@@ -24,6 +29,31 @@ def text_config(model_or_config: PreTrainedModel | PretrainedConfig) -> Pretrain
 
 def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def full_attention_layers(config: PretrainedConfig) -> list[int]:
+    """Indices of the layers a leankv cache compresses: the full-attention ones."""
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+
+
+def sixteen_bit(dtype: torch.dtype) -> torch.dtype:
+    """Where a cache keeps tokens unquantized: the model's dtype, but float16 for a float32 model. Ratios are
+    against a 16-bit dense cache, so a float32 copy would cost twice the reference for no useful precision;
+    pass ``storage_dtype=torch.float32`` to a cache to keep it (exact equality with an fp32 ``DynamicCache``)."""
+    return torch.float16 if dtype == torch.float32 else dtype
+
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A cache's ``storage_dtype`` option: None (`sixteen_bit`), or one of `STORAGE_DTYPES` (name or dtype)."""
+    if dtype is None or dtype in STORAGE_DTYPES.values():
+        return dtype
+    if dtype in STORAGE_DTYPES:
+        return STORAGE_DTYPES[dtype]
+    raise ValueError(f"storage_dtype={dtype!r}: choose None (16-bit) or one of {sorted(STORAGE_DTYPES)}")
 
 
 class BatchSelectMixin:
@@ -40,14 +70,33 @@ class BatchSelectMixin:
             self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
 
+class SlidingWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, holding a copy of its window. Right after a prefill, transformers'
+    own keeps a view of the whole prompt's keys and values, which pins all of them in memory."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if self.keys.untyped_storage().nbytes() > 2 * self.keys.numel() * self.keys.element_size():
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        return out
+
+
+def uncompressed_layer(kind: str, **kwargs) -> CacheLayerMixin:
+    """The layer a leankv cache keeps for a layer it does not compress (sliding, chunked)."""
+    cls = DYNAMIC_LAYER_TYPE_MAPPING[kind]
+    return (SlidingWindowLayer if cls is DynamicSlidingWindowLayer else cls)(**kwargs)
+
+
 class LeanCache(Cache):
     """A `Cache` with one leankv layer per full-attention layer, built by ``make_layer(layer_idx)``."""
 
-    def __init__(self, model_or_config: PreTrainedModel | PretrainedConfig, make_layer: Callable[[int], CacheLayerMixin]):
+    def __init__(
+        self, model_or_config: PreTrainedModel | PretrainedConfig, make_layer: Callable[[int], CacheLayerMixin]
+    ):
         config = text_config(model_or_config)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         layers = [
-            make_layer(i) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            make_layer(i) if kind == "full_attention" else uncompressed_layer(kind, **kwargs)
             for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True))
         ]
         super().__init__(layers=layers)

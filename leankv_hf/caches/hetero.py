@@ -9,43 +9,53 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from ..store import DenseStore, Precision
-from .base import BatchSelectMixin, LeanCache, head_dim, text_config
+from .base import BatchSelectMixin, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
 
 
 class HeteroLayer(BatchSelectMixin, CacheLayerMixin):
-    """One layer: a quantized `DenseStore` plus a full-precision residual window (``self.keys/values``).
+    """One layer: a quantized `DenseStore` plus a residual window of recent tokens (``self.keys/values``).
 
     New tokens are attended exactly in the step they arrive; once the window holds ``2 * residual_length``
-    tokens, the oldest are quantized in one chunk (a multiple of the key group for per-channel keys).
+    tokens, the oldest are quantized in one chunk (a multiple of the key group for per-channel keys). The
+    window (and a 16-bit side) is held at ``storage_dtype`` (default: the model's dtype, at most 16 bits).
     """
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, key: Precision, value: Precision, residual_length: int):
+    def __init__(
+        self, key: Precision, value: Precision, residual_length: int, storage_dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.store = DenseStore(key, value)
         self.residual_length = residual_length
+        self.storage_dtype = storage_dtype
         self.block = key.group_size if key.quantized and key.axis == "channel" else 1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        window = self.storage_dtype or sixteen_bit(self.dtype)
+        self.keys, self.values = key_states[:, :, :0].to(window), value_states[:, :, :0].to(window)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        parts_k, parts_v = [self.keys, key_states], [self.values, value_states]
-        if self.store.length:
-            stored_k, stored_v = self.store.decode(self.dtype)
-            parts_k.insert(0, stored_k)
-            parts_v.insert(0, stored_v)
-        out_k, out_v = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        # One output buffer per side: the store dequantizes straight into it, then the window and the new tokens.
+        stored, recent = self.store.length, self.keys.shape[-2]
+        outs = []
+        for window, new in ((self.keys, key_states), (self.values, value_states)):
+            batch, heads, length, dim = new.shape
+            out = new.new_empty(batch, heads, stored + recent + length, dim)
+            out[:, :, stored : stored + recent] = window
+            out[:, :, stored + recent :] = new
+            outs.append(out)
+        if stored:
+            self.store.decode_into(*outs)
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
         self._flush()
-        return out_k, out_v
+        return tuple(outs)
 
     def _flush(self) -> None:
         window = self.keys.shape[-2]
@@ -81,10 +91,13 @@ class HeteroLayer(BatchSelectMixin, CacheLayerMixin):
             return
         total = max(self.get_seq_length() + tokens_to_remove, 0)
         if total >= self.store.length:
-            self.keys, self.values = self.keys[:, :, : total - self.store.length], self.values[:, :, : total - self.store.length]
+            self.keys, self.values = (
+                self.keys[:, :, : total - self.store.length],
+                self.values[:, :, : total - self.store.length],
+            )
             return
         keep = total - total % self.block
-        stored_k, stored_v = self.store.decode(self.dtype)  # the cut block comes back as (dequantized) residual
+        stored_k, stored_v = self.store.decode(self.keys.dtype)  # the cut block comes back as (dequantized) residual
         self.keys, self.values = stored_k[:, :, keep:total].clone(), stored_v[:, :, keep:total].clone()
         self.store.truncate(keep, self.block)
 
@@ -108,12 +121,14 @@ class HeteroConfig:
     residual_length: int = 32
     scale_dtype: torch.dtype = torch.float16
     eight_bit: str = "int"
+    storage_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if not isinstance(self.residual_length, int) or self.residual_length < 0:
             raise ValueError(f"residual_length={self.residual_length!r} must be an int >= 0")
         if self.eight_bit not in ("int", "fp8"):
             raise ValueError(f"eight_bit={self.eight_bit!r}: choose 'int' (int8 codes) or 'fp8' (e4m3)")
+        object.__setattr__(self, "storage_dtype", check_storage_dtype(self.storage_dtype))
         self.key_precision(), self.value_precision()  # validates bits, groups, axis
 
     def key_precision(self) -> Precision:
@@ -130,7 +145,8 @@ class QuantizedHeteroCache(LeanCache):
     """Hetero-KV quantization: keys kept at more bits than values, packed; recent tokens in full precision.
 
     Works with any attention implementation (it hands back dequantized tensors). Hybrid models keep their
-    sliding-window layers as windows; full-attention layers are quantized.
+    sliding-window layers as windows; full-attention layers are quantized. The residual window (and a side at
+    16 bits) is held at ``storage_dtype``: by default 16-bit, float16 for a float32 model (`sixteen_bit`).
 
     Example:
         >>> from leankv_hf import QuantizedHeteroCache
@@ -153,11 +169,22 @@ class QuantizedHeteroCache(LeanCache):
         residual_length: int = 32,
         scale_dtype: torch.dtype = torch.float16,
         eight_bit: str = "int",
+        storage_dtype: torch.dtype | None = None,
     ):
-        cfg = HeteroConfig(key_bits, value_bits, group_size, key_axis, key_group_size, residual_length, scale_dtype, eight_bit)
+        cfg = HeteroConfig(
+            key_bits,
+            value_bits,
+            group_size,
+            key_axis,
+            key_group_size,
+            residual_length,
+            scale_dtype,
+            eight_bit,
+            storage_dtype,
+        )
         dim = head_dim(text_config(model_or_config))
         key, value = cfg.key_precision(), cfg.value_precision()
         key.check_head_dim(dim)
         value.check_head_dim(dim)
         self.settings = cfg
-        super().__init__(model_or_config, lambda _: HeteroLayer(key, value, residual_length))
+        super().__init__(model_or_config, lambda _: HeteroLayer(key, value, residual_length, cfg.storage_dtype))

@@ -5,6 +5,10 @@ reports the attention every token received (`observe`); after the prefill, and e
 steps, tokens leaving the window and the tokens already stored are re-ranked by the policy, which puts each
 into a tier (a `RaggedStore` at some precision) or prunes it. Pruned rows leave memory.
 
+A query-aware policy (Quest, ``policy.page_size > 0``) evicts nothing: the layer keeps each stored page's
+elementwise key minimum and maximum (``page_low``/``page_high``, updated as tokens enter the store), and at
+each decode step `body_view` gathers only the pages the policy picks for the query.
+
 Flow: attention -> scores (`observe`) -> policy (`compact`) -> store. Nothing reaches back.
 """
 
@@ -13,11 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
+from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import PRUNED, Candidates, Policy
-from ..store import Precision, RaggedStore
-from .base import BatchSelectMixin
+from ..store import Precision, RaggedStore, decode, select
+from .base import BatchSelectMixin, sixteen_bit
 
 MAX_AGE = 255
 
@@ -34,9 +40,17 @@ class LayerSettings:
     sink: int = 4  # first tokens always kept
     interval: int = 16  # decode steps between compactions
     gqa: str = "max"  # how the query heads of one KV head combine their attention
+    storage_dtype: torch.dtype | None = None  # of the exact window and 16-bit tiers; None: `sixteen_bit`
+    budget_bytes: float | None = None  # hard cap on the whole cache's bytes (budget_mb); None: no cap
+    budget_layers: int = 1  # compressed layers sharing the cap
+    budget_pooled: bool = True  # the heads of a layer share its bytes (adaptive); else each head an equal share
+    reserve_tokens: int = 0  # tokens per batch row and KV head that uncompressed (sliding) layers hold
 
 
 class LeanLayer(BatchSelectMixin, CacheLayerMixin):
+    """``layer_idx`` is the layer's rank among the cache's compressed layers, ``num_layers`` their count (the
+    sliding layers of hybrid models are not compressed, so layer-dependent budgets must not count them)."""
+
     is_sliding = False
     is_croppable = False  # evicted tokens cannot come back
 
@@ -53,15 +67,46 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
     # -- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.storage_dtype = self.settings.storage_dtype or sixteen_bit(self.dtype)
         batch, heads = key_states.shape[:2]
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.keys = key_states[:, :, :0].to(self.storage_dtype)
+        self.values = value_states[:, :, :0].to(self.storage_dtype)
         self.recent_scores = torch.zeros(batch, heads, 0, device=self.device)
         self.recent_ages = torch.zeros(batch, heads, 0, dtype=torch.uint8, device=self.device)
         self.recent_valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self.padding = torch.zeros(batch, dtype=torch.long, device=self.device)
+        if self.settings.policy.page_size:
+            empty = self.keys.new_empty(batch, heads, 0, key_states.shape[-1])
+            self.page_low, self.page_high = empty, empty.clone()
         for tier in self.tiers:
             tier.init(batch, heads, self.device)
+        self.budget_report = BudgetReport()
+        if self.settings.budget_bytes is not None:
+            dim = key_states.shape[-1]
+            self.row_bytes = [row_nbytes(k, v, dim, self.storage_dtype) for k, v in self.settings.tiers]
+            self.head_bytes = torch.full((batch, heads), self._head_share(batch, heads, dim), device=self.device)
         self.is_initialized = True
+
+    def _head_share(self, batch: int, heads: int, dim: int) -> int:
+        """Bytes of stored rows each head may hold: the cache's cap split over the compressed layers, less what
+        a layer holds besides its rows at most (the exact window just before a compaction, counts, the low-rank
+        basis) and a share of the uncompressed layers' windows."""
+        s = self.settings
+        item = self.keys.element_size()
+        window = s.recent + s.interval
+        per_row = window * heads * (2 * dim * item + 4 + 1) + window + 8 + 8 * heads * len(self.tiers)
+        rank = s.tiers[0][0].rank
+        per_row += heads * dim * rank * item if rank else 0
+        per_row += s.reserve_tokens * heads * 2 * dim * self.dtype.itemsize / s.budget_layers
+        share = int((s.budget_bytes / s.budget_layers / batch - per_row) // heads)
+        least = s.sink * min(self.row_bytes)
+        if share < least:
+            need = (per_row + heads * least) * batch * s.budget_layers / 2**20
+            raise ValueError(
+                f"budget_mb={s.budget_bytes / 2**20:g} is too small for a batch of {batch}: the exact window of "
+                f"{window} tokens and the sinks need {need:.3f} MiB; raise budget_mb or lower buffer/interval"
+            )
+        return share
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -73,14 +118,18 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
             )
         self.attended = False
         batch, heads, new = key_states.shape[:3]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.keys = torch.cat([self.keys, key_states.to(self.storage_dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.storage_dtype)], dim=-2)
         self.recent_scores = torch.cat([self.recent_scores, self.recent_scores.new_zeros(batch, heads, new)], -1)
         self.recent_ages = torch.cat([self.recent_ages, self.recent_ages.new_zeros(batch, heads, new)], -1)
         self.recent_valid = torch.cat([self.recent_valid, self.recent_valid.new_ones(batch, new)], -1)
         self.seen += new
-        self.keys.leankv_layer = self
-        return self.keys, self.values
+        keys, values = self.keys, self.values
+        if self.storage_dtype != self.dtype:  # attend in the model's dtype; this step's tokens exactly as given
+            keys = torch.cat([keys[:, :, :-new].to(self.dtype), key_states], dim=-2)
+            values = torch.cat([values[:, :, :-new].to(self.dtype), value_states], dim=-2)
+        keys.leankv_layer = self
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -119,22 +168,32 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        for name in ("keys", "values", "recent_scores", "recent_ages", "recent_valid", "padding"):
+        names = ["keys", "values", "recent_scores", "recent_ages", "recent_valid", "padding"]
+        for name in names + (["page_low", "page_high"] if self.settings.policy.page_size else []):
             setattr(self, name, getattr(self, name).index_select(0, index))
         for tier in self.tiers:
             tier.select_batch(index)
+        if self.settings.budget_bytes is not None:  # a new batch size: a new share of the cap
+            batch, heads, _, dim = self.keys.shape
+            self.head_bytes = torch.full((batch, heads), self._head_share(batch, heads, dim), device=self.device)
 
     # -- what the attention function uses ----------------------------------------------------------------
     def score_window(self, query_length: int) -> int:
         """How many of the newest queries must report their attention: the observation window at prefill,
-        every decode query (scores keep accumulating)."""
-        return min(self.settings.window, query_length)
+        every decode query (scores keep accumulating); none for a query-aware policy, which evicts nothing."""
+        return 0 if self.settings.policy.page_size else min(self.settings.window, query_length)
 
-    def body_view(self, dtype: torch.dtype):
-        """Transient padded ``(keys, values, valid)`` of all tiers, or None when nothing is stored yet."""
+    def body_view(self, dtype: torch.dtype, query: torch.Tensor | None = None):
+        """Transient padded ``(keys, values, valid)`` of all tiers, or None when nothing is stored yet. Given the
+        decode ``query`` ``[B, Hq, 1, D]``, a query-aware policy narrows it to the pages it picks."""
         if not any(tier.rows for tier in self.tiers):
             self._rows = None
             return None
+        if self.settings.policy.page_size and query is not None and query.shape[2] == 1:
+            paged = self._page_view(query, dtype)
+            if paged is not None:
+                self._rows = None  # a query-aware policy takes no scores
+                return paged
         ks, vs, valids, routes, offset = [], [], [], [], 0
         for t, tier in enumerate(self.tiers):
             if not tier.rows:
@@ -148,6 +207,27 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
         self._rows = routes
         return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(valids, 2)
 
+    def _page_view(self, query: torch.Tensor, dtype: torch.dtype):
+        """The pages the policy picks for ``query``, gathered from the store: ``(keys, values, valid)`` of width
+        pages x page size, or None when the budget covers every page (then the full view is the same)."""
+        tier, size = self.tiers[0], self.settings.policy.page_size  # nothing is evicted: one tier holds all
+        counts = tier.counts
+        filled = (counts + size - 1) // size
+        allowed = self._allowance(self.seen - self.padding) - self.recent_valid.sum(-1)
+        forced = -(-self.settings.sink // size)  # the pages holding the sinks
+        k = ((allowed.clamp_min(0) + size - 1) // size).clamp_min(forced)
+        if bool((k[:, None] >= filled).all()):
+            return None
+        pages, chosen = self.settings.policy.pages(query, self.page_low, self.page_high, filled, k, forced)
+        rank = (pages[..., None] * size + torch.arange(size, device=self.device)).flatten(2)  # [B, H, K * size]
+        valid = chosen.repeat_interleave(size, -1) & (rank < counts[..., None])
+        starts = (counts.flatten().cumsum(0) - counts.flatten()).view_as(counts)
+        rows = (starts[..., None] + rank).masked_fill(~valid, 0).flatten()
+        batch, heads, width = valid.shape
+        keys = decode(select(tier.keys, 0, rows), dtype).view(batch, heads, width, -1)
+        values = decode(select(tier.values, 0, rows), dtype).view(batch, heads, width, -1)
+        return keys, values, valid
+
     def observe(self, scores: torch.Tensor | None, n_queries: int, visible: torch.Tensor) -> None:
         """Take the attention ``scores[B, H, body + recent]`` summed over ``n_queries`` queries; compact when due."""
         if scores is not None:
@@ -160,7 +240,9 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
                 for t, segments, ranks, offset in self._rows:
                     tier = self.tiers[t]
                     flat = scores[..., offset : offset + int(tier.counts.max())].reshape(batch * heads, -1)
-                    tier.scores, tier.ages = _running_mean(tier.scores.float(), tier.ages, flat[segments, ranks], n_queries)
+                    tier.scores, tier.ages = _running_mean(
+                        tier.scores.float(), tier.ages, flat[segments, ranks], n_queries
+                    )
                     tier.scores = tier.scores.half()
         self._rows = None  # routing indices are transient: they must not outlive this step
         if not self.prefilled:
@@ -200,21 +282,28 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
         rows = torch.arange(batch * heads, device=self.device)[:, None]
         scores[rows, exit_slot] = self.recent_scores[..., :n_exit].reshape(batch * heads, n_exit)
         positions[rows, exit_slot] = exit_pos.reshape(batch * heads, n_exit)
-        valid[rows, exit_slot] = self.recent_valid[:, None, :n_exit].expand(-1, heads, -1).reshape(batch * heads, n_exit)
+        valid[rows, exit_slot] = (
+            self.recent_valid[:, None, :n_exit].expand(-1, heads, -1).reshape(batch * heads, n_exit)
+        )
 
         shape = (batch, heads, width)
         context = (self.seen - self.padding).clamp_min(1)
+        staying = self.recent_valid[:, n_exit:].sum(-1)  # real tokens that stay in the exact window
         candidates = Candidates(
             scores=scores.view(shape),
             positions=positions.view(shape),
             valid=valid.view(shape),
             sink=(positions.view(shape) < (self.padding + s.sink).view(-1, 1, 1)) & valid.view(shape),
-            budget=self._budget(context),
+            budget=context - staying if s.budget is None else (self._allowance(context) - staying).clamp_min(0),
+            capacity=context - staying,
             context=context,
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
         )
-        target = s.policy.assign(candidates).view(batch * heads, width)
+        target = s.policy.assign(candidates)
+        if s.budget_bytes is not None:
+            target = self._fit_budget(target, candidates)
+        target = target.view(batch * heads, width)
 
         # Stored rows: stay, move down a tier (re-encoded), or leave memory. Rows never move up: lost precision
         # does not come back.
@@ -223,7 +312,7 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
             goal = target[segments, slot].long()
             down = goal > t
             if bool(down.any()):
-                taken = self.tiers[t].take(down, self.dtype)
+                taken = self.tiers[t].take(down, self.storage_dtype)
                 for g in goal[down].unique().tolist():
                     pick = goal[down] == g
                     moved[g].append({key: value[pick] for key, value in taken.items()})
@@ -241,19 +330,49 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
                 self.recent_scores[b, h, i],
                 self.recent_ages[b, h, i],
             )
+            if s.policy.page_size:
+                self._add_to_pages(self.keys[b, h, i], b * heads + h, exit_pos[b, h, i] - self.padding[b])
         # Copies, not views: a view would pin the evicted tokens' storage until the next step.
         self.keys, self.values = self.keys[:, :, n_exit:].clone(), self.values[:, :, n_exit:].clone()
         self.recent_scores = self.recent_scores[..., n_exit:].clone()
         self.recent_ages = self.recent_ages[..., n_exit:].clone()
         self.recent_valid = self.recent_valid[:, n_exit:].clone()
 
-    def _budget(self, context: torch.Tensor) -> torch.Tensor:
-        """Tokens each head may keep among the candidates: the budget minus the exact recent window."""
+    def _fit_budget(self, target: torch.Tensor, c: Candidates) -> torch.Tensor:
+        """Cut the policy's choice to the byte cap: per head, or pooled over the layer's heads (adaptive)."""
+        if not self.settings.budget_pooled:
+            return fit_to_budget(target, c.scores, c.sink, self.row_bytes, self.head_bytes, self.budget_report)
+        batch, heads, width = target.shape
+        pooled = fit_to_budget(
+            target.view(batch, 1, heads * width),
+            c.scores.reshape(batch, 1, -1),
+            c.sink.reshape(batch, 1, -1),
+            self.row_bytes,
+            self.head_bytes.sum(-1, keepdim=True),
+            self.budget_report,
+        )
+        return pooled.view(batch, heads, width)
+
+    def _allowance(self, context: torch.Tensor) -> torch.Tensor:
+        """``[B]`` tokens each head may hold (or attend, for a query-aware policy), recent window and sinks included."""
         budget = self.settings.budget
-        if budget is None:
-            return context  # thresholds decide
-        total = torch.full_like(context, budget) if isinstance(budget, int) else (context.float() * budget).ceil().long()
-        return (total - self.keys.shape[-2] + max(self.keys.shape[-2] - self.settings.recent, 0)).clamp_min(0)
+        return torch.full_like(context, budget) if isinstance(budget, int) else (context.float() * budget).ceil().long()
+
+    def _add_to_pages(self, keys: torch.Tensor, segments: torch.Tensor, ranks: torch.Tensor) -> None:
+        """Fold keys entering the store (``ranks`` within their head) into their pages' key minimum and maximum.
+        Only the pages they land in change: the bounds are never recomputed from the stored keys."""
+        if segments.numel() == 0:
+            return
+        size, dim = self.settings.policy.page_size, keys.shape[-1]
+        grow = int(ranks.max()) // size + 1 - self.page_low.shape[2]
+        if grow > 0:  # new pages start empty: +inf minimum, -inf maximum
+            self.page_low = F.pad(self.page_low, (0, 0, 0, grow), value=torch.inf)
+            self.page_high = F.pad(self.page_high, (0, 0, 0, grow), value=-torch.inf)
+        batch, heads, pages = self.page_low.shape[:3]
+        index = (segments * pages + ranks // size)[:, None].expand(-1, dim)
+        keys = keys.to(self.page_low.dtype)
+        self.page_low.view(-1, dim).scatter_reduce_(0, index, keys, "amin")
+        self.page_high.view(-1, dim).scatter_reduce_(0, index, keys, "amax")
 
     # -- introspection -----------------------------------------------------------------------------------
     def kept_tokens(self) -> torch.Tensor:
@@ -276,4 +395,3 @@ def _running_mean(mean: torch.Tensor, ages: torch.Tensor, total: torch.Tensor, n
     weight = ages.float()
     mean = (mean * weight + total) / (weight + n)
     return mean, (weight + n).clamp_max(MAX_AGE).to(torch.uint8)
-

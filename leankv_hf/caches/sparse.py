@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import use_leankv_attention
 from ..policy import Policy, sparse_policy
 from ..store import Precision
-from .base import LeanCache, text_config
+from .base import LeanCache, check_storage_dtype, full_attention_layers, text_config
 from .layer import LayerSettings, LeanLayer
 
 GQA_MODES = ("max", "mean")
@@ -57,6 +58,8 @@ class SparseConfig:
 class SparseHeadCache(LeanCache):
     """Per-head dynamic sparsity. Needs the ``leankv`` attention function: given a model, it switches it.
 
+    Kept tokens are held at ``storage_dtype`` (default 16-bit: float16 for a float32 model, see `sixteen_bit`).
+
     Example:
         >>> from leankv_hf import SparseHeadCache
         >>> from leankv_hf.testing import tiny_model, tiny_tokenizer
@@ -77,6 +80,7 @@ class SparseHeadCache(LeanCache):
         sink: int = 4,
         interval: int = 16,
         gqa: str = "max",
+        storage_dtype: torch.dtype | None = None,
         **policy_options,
     ):
         cfg = SparseConfig(budget, policy, window, recent, sink, interval, gqa, policy_options)
@@ -90,17 +94,17 @@ class SparseHeadCache(LeanCache):
             sink=sink,
             interval=interval,
             gqa=gqa,
+            storage_dtype=check_storage_dtype(storage_dtype),
         )
-        num_layers = text_config(model_or_config).num_hidden_layers
-        super().__init__(model_or_config, lambda i: LeanLayer(i, num_layers, settings))
+        compressed = full_attention_layers(text_config(model_or_config))  # layer budgets count only these
+        super().__init__(model_or_config, lambda i: LeanLayer(compressed.index(i), len(compressed), settings))
         if isinstance(model_or_config, PreTrainedModel):
             use_leankv_attention(model_or_config)
 
     def _lean_layers(self) -> list[LeanLayer]:
         return [layer for layer in self.layers if isinstance(layer, LeanLayer)]
 
-    def kept_tokens(self):
-        """``[layers, batch, kv_heads]``: tokens each head of each compressed layer holds now."""
-        import torch
-
+    def kept_tokens(self) -> torch.Tensor:
+        """``[layers, batch, kv_heads]``: tokens each head of each compressed layer holds now (with ``quest``,
+        which evicts nothing, every token seen)."""
         return torch.stack([layer.kept_tokens() for layer in self._lean_layers()])

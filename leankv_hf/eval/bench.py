@@ -193,7 +193,10 @@ def write_bench(rows: Sequence[BenchRow], out_dir: str | Path, env: dict[str, st
     for axes in (speed, size):
         axes.grid(alpha=0.3)
     size.legend(fontsize=8)
-    figure.suptitle(f"{env['device']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, {env['date']}", fontsize=8)
+    figure.suptitle(
+        f"{env['device']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, {env['date']}",
+        fontsize=8,
+    )
     figure.text(0.01, -0.02, env["command"], fontsize=7, family="monospace")
     plot = save_png(figure, out_dir / "bench.png")
     plt.close(figure)

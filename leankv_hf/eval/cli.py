@@ -66,7 +66,12 @@ class Option:
 _MODEL = Option("--model", DEFAULT_MODEL, help="embedded model name, .gguf file, checkpoint directory or hub id")
 _METHODS = Option("--methods", ["full"], _methods, help="comma-separated cache methods, or a YAML file listing them")
 _SEED = Option("--seed", 0, int, help="seed for generated prompts")
-_DTYPE = Option("--dtype", None, choices=("float32", "float16", "bfloat16"), help="load the model in this dtype (default: the checkpoint's)")
+_DTYPE = Option(
+    "--dtype",
+    None,
+    choices=("float32", "float16", "bfloat16"),
+    help="load the model in this dtype (default: the checkpoint's)",
+)
 _DEVICE = Option("--device", None, help="cpu, cuda, cuda:1, ... (under accelerate: each process's own device)")
 
 EVAL_OPTIONS = (
@@ -75,17 +80,37 @@ EVAL_OPTIONS = (
     Option("--subtasks", None, _strs, help="ruler: comma-separated subtasks (default: all)"),
     Option("--datasets", None, _strs, help="longbench: comma-separated datasets (default: all 21 of v1)"),
     _METHODS,
-    Option("--lengths", None, _ints, help="passkey/ruler: prompt lengths in tokens; perplexity: window lengths (default: the task's)"),
+    Option(
+        "--lengths",
+        None,
+        _ints,
+        help="passkey/ruler: prompt lengths in tokens; perplexity: window lengths (default: the task's)",
+    ),
     Option("--depths", None, _floats, help="passkey: needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)"),
-    Option("--n-per-cell", None, int, help="examples per length x depth (passkey), subtask x length (ruler), windows per length (perplexity) (default: the task's)"),
+    Option(
+        "--n-per-cell",
+        None,
+        int,
+        help="examples per length x depth (passkey), subtask x length (ruler), windows per length (perplexity) (default: the task's)",
+    ),
     Option("--data", None, help="passkey: the shared set, JSONL with length_bucket, n_tokens, depth, key, text"),
     Option("--data-dir", None, help="longbench: directory holding {dataset}.jsonl (default: download)"),
     Option("--text", None, help="perplexity: the text file to evaluate on"),
-    Option("--setting", "query_aware", choices=SETTINGS, help="whether the question is in the prompt when the cache compresses"),
+    Option(
+        "--setting",
+        "query_aware",
+        choices=SETTINGS,
+        help="whether the question is in the prompt when the cache compresses",
+    ),
     Option("--limit", None, int, help="only the first N examples (default: all)"),
     _SEED,
     Option("--out", "results/eval", help="results directory (resumed if it holds rows)"),
-    Option("--max-new-tokens", None, int, help="override the task's generation length; perplexity: teacher-forced tokens per window (default 128)"),
+    Option(
+        "--max-new-tokens",
+        None,
+        int,
+        help="override the task's generation length; perplexity: teacher-forced tokens per window (default 128)",
+    ),
     _DTYPE,
     _DEVICE,
 )

@@ -44,13 +44,29 @@ def _budget(text: str) -> float | int:
 
 
 _HETERO_FLAGS = {"g": ("group_size", int), "r": ("residual_length", int), "chan": ("key_axis", lambda _: "channel")}
-_UNIFIED_FLAGS = {"ap": ("alpha_prune", float), "aq": ("alpha_quant", float), "g": ("group_size", int)}
+_UNIFIED_FLAGS = {
+    "ap": ("alpha_prune", float),
+    "aq": ("alpha_quant", float),
+    "g": ("group_size", int),
+    "pr": ("prune_ratio", float),
+    "rank": ("rank", _budget),
+    "buf": ("buffer", int),
+    **{name: ("policy", lambda _, name=name: name) for name in ("snapkv", "adakv", "pyramid", "chunkkv", "streaming")},
+}
 
 # kind -> (argument pattern after "kind:", kwargs from the match, form for the docs)
 _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
     "full": (None, lambda m: {}, "full  (DynamicCache, the 16-bit reference)"),
-    "hf-quanto": (r"(\d+)", lambda m: {"nbits": int(m[1])}, "hf-quanto:N  (transformers QuantizedCache, quanto backend, N in 2,4)"),
-    "hf-hqq": (r"(\d+)", lambda m: {"nbits": int(m[1])}, "hf-hqq:N  (transformers QuantizedCache, HQQ backend, N in 1,2,3,4,8)"),
+    "hf-quanto": (
+        r"(\d+)",
+        lambda m: {"nbits": int(m[1])},
+        "hf-quanto:N  (transformers QuantizedCache, quanto backend, N in 2,4)",
+    ),
+    "hf-hqq": (
+        r"(\d+)",
+        lambda m: {"nbits": int(m[1])},
+        "hf-hqq:N  (transformers QuantizedCache, HQQ backend, N in 1,2,3,4,8)",
+    ),
     "hf-fp8": (None, lambda m: {}, "hf-fp8  (transformers QuantizedCache, per-tensor FP8)"),
     "hetero": (
         r"k(\d+)v(\d+)((?:,[a-z]+\d*)*)",
@@ -68,8 +84,9 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
             **({"preset": m[5]} if m[5] else {"high": (int(m[1]), int(m[2])), "low": (int(m[3]), int(m[4]))}),
             **_flags(m[6], _UNIFIED_FLAGS),
         },
-        "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG]  (UnifiedLeanCache: a preset, or high/low tier "
-        "bits; alpha_prune, alpha_quant thresholds; group size)",
+        "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG][,prP][,rankR][,bufB][,POLICY]  (UnifiedLeanCache: "
+        "a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; group size; prune ratio; key rank; "
+        "exact buffer; a sparse policy instead of the thresholds, e.g. adakv)",
     ),
 }
 

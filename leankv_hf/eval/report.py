@@ -1,8 +1,9 @@
 """From rows to answers: a summary per task x method x setting (JSON + markdown) and PNG plots.
 
 Sizes are relative to a 16-bit ``DynamicCache`` holding the same tokens (``ratio`` = stored / dense bytes at the
-end of each example, so 0.25 means 4x smaller; a float32 model's full cache reads 2.0); "after prompt" is the
-stored size right after the prefill, before any deferred compaction. Scores are means over examples, x 100.
+end of each example, so 0.25 means 4x smaller; a float32 model's full cache reads 2.0); tables and plots show
+its inverse, the compression factor (4x). "After prompt" is the stored size right after the prefill, before any
+deferred compaction. Scores are means over examples, x 100.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class Entry:
     kl: float | None = None
     delta_nll: float | None = None
 
+    @property
+    def compression(self) -> float:
+        """How many times smaller than a 16-bit dense cache (``1 / ratio``)."""
+        return self.dense_bytes / self.cache_bytes if self.cache_bytes else math.inf
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -56,15 +62,69 @@ class Summary:
         if generation:
             parts.append(
                 markdown_table(
-                    ("task", "method", "setting", "n", "score", "size vs fp16", "KV MiB", "KV MiB after prompt", "prefill s", "decode ms/tok"),
-                    [(e.task, e.method, e.setting, e.n, e.score, e.ratio, e.cache_bytes / 2**20, e.prefill_cache_bytes / 2**20, e.prefill_s, e.decode_ms_per_token) for e in generation],
+                    (
+                        "task",
+                        "method",
+                        "setting",
+                        "n",
+                        "score",
+                        "compression ×",
+                        "KV MiB",
+                        "KV MiB after prompt",
+                        "prefill s",
+                        "decode ms/tok",
+                    ),
+                    [
+                        (
+                            e.task,
+                            e.method,
+                            e.setting,
+                            e.n,
+                            e.score,
+                            e.compression,
+                            e.cache_bytes / 2**20,
+                            e.prefill_cache_bytes / 2**20,
+                            e.prefill_s,
+                            e.decode_ms_per_token,
+                        )
+                        for e in generation
+                    ],
                 )
             )
         if teacher_forced:
             parts.append(
                 markdown_table(
-                    ("task", "method", "setting", "n", "ppl", "Δnll vs full", "KL(full‖method)", "size vs fp16", "KV MiB", "KV MiB after prompt", "prefill s", "decode ms/tok"),
-                    [(e.task, e.method, e.setting, e.n, e.ppl, e.delta_nll, e.kl, e.ratio, e.cache_bytes / 2**20, e.prefill_cache_bytes / 2**20, e.prefill_s, e.decode_ms_per_token) for e in teacher_forced],
+                    (
+                        "task",
+                        "method",
+                        "setting",
+                        "n",
+                        "ppl",
+                        "Δnll vs full",
+                        "KL(full‖method)",
+                        "compression ×",
+                        "KV MiB",
+                        "KV MiB after prompt",
+                        "prefill s",
+                        "decode ms/tok",
+                    ),
+                    [
+                        (
+                            e.task,
+                            e.method,
+                            e.setting,
+                            e.n,
+                            e.ppl,
+                            e.delta_nll,
+                            e.kl,
+                            e.compression,
+                            e.cache_bytes / 2**20,
+                            e.prefill_cache_bytes / 2**20,
+                            e.prefill_s,
+                            e.decode_ms_per_token,
+                        )
+                        for e in teacher_forced
+                    ],
                 )
             )
         return "\n\n".join(parts) + "\n"
@@ -156,7 +216,7 @@ def pyplot():
 
 
 def plot_score_vs_ratio(summary: Summary, out_dir: str | Path) -> list[Path]:
-    """One PNG per task: quality (score, or perplexity) against KV size relative to 16-bit dense, one labelled
+    """One PNG per task: quality (score, or perplexity) against compression vs 16-bit dense, one labelled
     point per method (and setting, when several were run)."""
     plt = pyplot()
     by_task: dict[str, list[Entry]] = defaultdict(list)
@@ -168,9 +228,15 @@ def plot_score_vs_ratio(summary: Summary, out_dir: str | Path) -> list[Path]:
         figure, axes = plt.subplots(figsize=(6, 4))
         for e in entries:
             y = e.score if e.score is not None else e.ppl
-            axes.scatter(e.ratio, y)
-            axes.annotate(f"{e.method} ({e.setting})" if several_settings else e.method, (e.ratio, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-        axes.set_xlabel("KV cache size / 16-bit dense (lower is smaller)")
+            axes.scatter(e.compression, y)
+            axes.annotate(
+                f"{e.method} ({e.setting})" if several_settings else e.method,
+                (e.compression, y),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        axes.set_xlabel("compression vs 16-bit dense (x, real bytes, higher is smaller)")
         if entries[0].score is not None:
             axes.set_ylim(-5, 105)
             axes.set_ylabel("score (0-100)")
@@ -196,12 +262,17 @@ def plot_passkey_heatmaps(rows: Iterable[dict], out_dir: str | Path) -> list[Pat
     cells: dict[tuple[str, str], dict[tuple[float, float], list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row["task"] == "passkey":
-            cells[row["method"], row["setting"]][row["metadata"]["length"], row["metadata"]["depth"]].append(row["score"])
+            cells[row["method"], row["setting"]][row["metadata"]["length"], row["metadata"]["depth"]].append(
+                row["score"]
+            )
     paths = []
     for (method, setting), grid in cells.items():
         lengths = sorted({length for length, _ in grid}, key=_tokens)
         depths = sorted({depth for _, depth in grid})
-        matrix = [[_mean(grid[length, depth]) if (length, depth) in grid else math.nan for depth in depths] for length in lengths]
+        matrix = [
+            [_mean(grid[length, depth]) if (length, depth) in grid else math.nan for depth in depths]
+            for length in lengths
+        ]
         figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(depths), 1.0 + 0.6 * len(lengths)))
         image = axes.imshow(matrix, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for i, line in enumerate(matrix):

@@ -87,8 +87,8 @@ class QuantizedTensor:
         """Bytes actually held: payload + scale + zero."""
         return sum(t.element_size() * t.numel() for t in (self.payload, self.scale, self.zero) if t is not None)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize(self, dtype, out)
 
     def _leading_dim(self, dim: int) -> int:
         nd = self.payload.dim()
@@ -224,25 +224,30 @@ def quantize(
     )
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Reconstruct ``q`` as a ``dtype`` tensor (default: the original dtype).
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruct ``q`` as a ``dtype`` tensor (default: the original dtype), or into ``out``.
 
     Unpack once, then one affine pass into a fresh ``dtype`` buffer. Scale and
     zero are cast to ``dtype`` first, so 16-bit outputs carry a few ``dtype``
-    ulps of extra error rather than round-tripping through fp32.
+    ulps of extra error rather than round-tripping through fp32. ``out`` (a
+    slice of a bigger buffer, say) saves the copy a later concatenation would make.
     """
-    dtype = q.dtype if dtype is None else dtype
+    dtype = (q.dtype if out is None else out.dtype) if dtype is None else dtype
     if not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype} must be a floating dtype")
+    if out is not None and (out.shape != q.shape or out.dtype != dtype):
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
     gshape, red = _grouped_shape(q.shape, q.group_size, q.axis)
     scale = q.scale.to(dtype).unsqueeze(red)
-    if q.fmt == "fp8":
-        return q.payload.to(dtype).view(gshape).mul_(scale).view(q.shape)
-    codes = unpack(q.payload, q.bits).view(gshape)
-    zero = q.zero.to(dtype).unsqueeze(red)
-    if codes.device.type == "cpu":
-        # CPU kernels vectorize at most one broadcast operand, so a fused addcmul
-        # (two: scale and zero) runs scalar; convert + two in-place passes is ~2.5x faster.
-        return codes.to(dtype).mul_(scale).add_(zero).view(q.shape)
-    # Accelerators: one fused kernel that reads uint8 codes and casts in-kernel.
-    return torch.addcmul(zero, codes, scale).view(q.shape)
+    codes = q.payload if q.fmt == "fp8" else unpack(q.payload, q.bits)
+    if out is None and codes.device.type != "cpu" and q.fmt == "int":
+        # Accelerators: one fused kernel that reads uint8 codes and casts in-kernel.
+        return torch.addcmul(q.zero.to(dtype).unsqueeze(red), codes.view(gshape), scale).view(q.shape)
+    # CPU kernels vectorize at most one broadcast operand, so a fused addcmul (two: scale and zero) runs
+    # scalar; convert + in-place passes is ~2.5x faster.
+    target = torch.empty(q.shape, dtype=dtype, device=codes.device) if out is None else out
+    grouped = target.view(gshape)
+    grouped.copy_(codes.view(gshape)).mul_(scale)
+    if q.zero is not None:
+        grouped.add_(q.zero.to(dtype).unsqueeze(red))
+    return target

@@ -167,7 +167,15 @@ class LongBenchTask:
                 metadata = {"length": row["length"], "language": row["language"], "all_classes": row["all_classes"]}
                 limit = DATASET2MAXLEN[base_name(dataset)]
                 out.append(
-                    Example(f"longbench/{dataset}/{row['_id']}", f"longbench/{dataset}", context, question, tuple(row["answers"]), limit, metadata)
+                    Example(
+                        f"longbench/{dataset}/{row['_id']}",
+                        f"longbench/{dataset}",
+                        context,
+                        question,
+                        tuple(row["answers"]),
+                        limit,
+                        metadata,
+                    )
                 )
         return out
 

@@ -94,6 +94,14 @@ def load_passkey_file(path: str | Path) -> list[Example]:
         cut -= text[:cut].endswith("\n")
         metadata = {"length": row["length_bucket"], "n_tokens": row["n_tokens"], "depth": row["depth"]}
         examples.append(
-            Example(f"passkey/peers/{number}", "passkey", text[:cut], text[cut:], (str(row["key"]),), MAX_NEW_TOKENS, metadata)
+            Example(
+                f"passkey/peers/{number}",
+                "passkey",
+                text[:cut],
+                text[cut:],
+                (str(row["key"]),),
+                MAX_NEW_TOKENS,
+                metadata,
+            )
         )
     return examples

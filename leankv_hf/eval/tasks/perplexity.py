@@ -13,12 +13,12 @@ whatever the length (storing reference log-probs would take ``steps x vocab`` va
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..timing import clock
 from .base import Example
@@ -33,7 +33,9 @@ class PerplexityTask:
 
     def __init__(self, text: str | Path, lengths: Sequence[int] = (2048,), n_per_cell: int = 4, steps: int = 128):
         if any(steps >= length for length in lengths):
-            raise ValueError(f"perplexity windows must be longer than the {steps} teacher-forced steps: {list(lengths)}")
+            raise ValueError(
+                f"perplexity windows must be longer than the {steps} teacher-forced steps: {list(lengths)}"
+            )
         self.text, self.lengths, self.n_per_cell, self.steps = Path(text), list(lengths), n_per_cell, steps
 
     def examples(self, tokenizer: PreTrainedTokenizerBase, seed: int) -> list[Example]:
@@ -43,12 +45,16 @@ class PerplexityTask:
             starts = range(0, len(tokens) - length + 1, length)
             if not starts:
                 raise ValueError(f"{self.text} has {len(tokens)} tokens, fewer than one {length}-token window")
-            picked = sorted(random.Random(f"perplexity:{seed}:{length}").sample(starts, min(self.n_per_cell, len(starts))))
+            picked = sorted(
+                random.Random(f"perplexity:{seed}:{length}").sample(starts, min(self.n_per_cell, len(starts)))
+            )
             for start in picked:
                 cut, end = start + length - self.steps, start + length
                 context, question = tokenizer.decode(tokens[start:cut]), tokenizer.decode(tokens[cut:end])
                 metadata = {"length": length, "offset": start}
-                out.append(Example(f"perplexity/L{length}/{start}", "perplexity", context, question, (), self.steps, metadata))
+                out.append(
+                    Example(f"perplexity/L{length}/{start}", "perplexity", context, question, (), self.steps, metadata)
+                )
         return out
 
 
@@ -63,45 +69,62 @@ class TeacherForced:
     decode_s: float
 
 
+def _stepwise_logprobs(
+    model: PreTrainedModel, tokens: torch.Tensor, split: int, cache: Cache
+) -> Iterator[tuple[torch.Tensor, float]]:
+    """Prefill ``tokens[:, :split]``, then feed the rest but the last one token at a time; after each call,
+    yield the next-token log-probs (float32 ``[vocab]``) and the seconds the call took."""
+    device = model.device
+    chunks = [tokens[:, :split], *(tokens[:, p : p + 1] for p in range(split, tokens.shape[1] - 1))]
+    for chunk in chunks:
+        start = clock(device)
+        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        seconds = clock(device) - start
+        yield torch.log_softmax(logits[0, -1].float(), dim=-1), seconds
+
+
+@torch.inference_mode()
+def reference_logprobs(model: PreTrainedModel, ids: list[int], split: int) -> torch.Tensor:
+    """``[len(ids) - split, vocab]``: a full ``DynamicCache``'s log-probs at each teacher-forced step, computed once
+    and reused against many caches (``teacher_forced(reference=...)``), as `leankv tune` does."""
+    tokens = torch.tensor([ids], device=model.device)
+    return torch.stack(
+        [logp for logp, _ in _stepwise_logprobs(model, tokens, split, DynamicCache(config=model.config))]
+    )
+
+
 @torch.inference_mode()
 def teacher_forced(
     model: PreTrainedModel,
     ids: list[int],
     split: int,
     cache: Cache,
-    reference: Cache | None = None,
+    reference: Cache | torch.Tensor | None = None,
     after_prefill: Callable[[], None] | None = None,
 ) -> TeacherForced:
     """Prefill ``ids[:split]`` through ``cache``, then feed ``ids[split:]`` one token at a time, summing the NLL of
-    each true token and, when a ``reference`` cache is given, KL(reference-run || cache-run) at every step.
+    each true token and, when a ``reference`` is given (a cache run in lockstep, or `reference_logprobs`),
+    KL(reference || cache-run) at every step.
 
     Only the calls through ``cache`` are timed; ``after_prefill`` runs once the prefix is in the cache.
     """
-    device = model.device
-    tokens = torch.tensor([ids], device=device)
-
-    def next_logprobs(chunk: torch.Tensor, past: Cache) -> torch.Tensor:
-        logits = model(input_ids=chunk, past_key_values=past, use_cache=True, logits_to_keep=1).logits
-        return torch.log_softmax(logits[0, -1].float(), dim=-1)
-
-    start = clock(device)
-    logp = next_logprobs(tokens[:, :split], cache)
-    prefill_s = clock(device) - start
-    if after_prefill is not None:
-        after_prefill()
-    ref = next_logprobs(tokens[:, :split], reference) if reference is not None else None
-    nll = kl = decode_s = 0.0
-    for position in range(split, len(ids)):
-        nll -= logp[ids[position]].item()
-        if ref is not None:
+    tokens = torch.tensor([ids], device=model.device)
+    if isinstance(reference, Cache):
+        references = (logp for logp, _ in _stepwise_logprobs(model, tokens, split, reference))
+    else:
+        references = iter(reference) if reference is not None else None
+    nll = kl = prefill_s = decode_s = 0.0
+    for step, (logp, seconds) in enumerate(_stepwise_logprobs(model, tokens, split, cache)):
+        if step == 0:
+            prefill_s = seconds
+            if after_prefill is not None:
+                after_prefill()
+        else:
+            decode_s += seconds
+        nll -= logp[ids[split + step]].item()
+        if references is not None:
+            ref = next(references)
             kl += torch.sum(ref.exp() * (ref - logp)).item()
-        if position + 1 == len(ids):
-            break
-        token = tokens[:, position : position + 1]
-        start = clock(device)
-        logp = next_logprobs(token, cache)
-        decode_s += clock(device) - start
-        ref = next_logprobs(token, reference) if reference is not None else None
     return TeacherForced(nll, kl, len(ids) - split, prefill_s, decode_s)
 
 

@@ -98,7 +98,9 @@ def _fill(template: str, context: str, **fields) -> tuple[str, str]:
 def _insert(items: list[str], extras: Sequence[str], rng: random.Random) -> list[str]:
     """``items`` with ``extras`` inserted, in order, at random positions."""
     out = list(items)
-    for offset, (position, extra) in enumerate(zip(sorted(rng.randint(0, len(items)) for _ in extras), extras, strict=True)):
+    for offset, (position, extra) in enumerate(
+        zip(sorted(rng.randint(0, len(items)) for _ in extras), extras, strict=True)
+    ):
         out.insert(position + offset, extra)
     return out
 
@@ -111,7 +113,9 @@ def _niah(config: Niah, seed: str) -> Callable[[int], tuple[str, str, list[str]]
         keys += [key] if key not in keys else []
     values = [[_random_value(config.value_type, rng) for _ in range(config.values)] for _ in keys]
     type_v = config.value_type
-    needles = [_NEEDLE.format(type_needle_v=type_v, key=k, value=v) for k, vs in zip(keys, values, strict=True) for v in vs]
+    needles = [
+        _NEEDLE.format(type_needle_v=type_v, key=k, value=v) for k, vs in zip(keys, values, strict=True) for v in vs
+    ]
     rng.shuffle(needles)
     queried = rng.sample(range(config.keys), config.queries)
     queries = [keys[i] for i in queried]
@@ -233,7 +237,9 @@ class RulerTask:
                     def build(n: int, generate=generate, id=id, subtask=subtask, length=length) -> Example:
                         context, question, answers = generate(n)
                         limit = TOKENS_TO_GENERATE[_family(subtask)]
-                        return Example(id, f"ruler/{subtask}", context, question, tuple(answers), limit, {"length": length})
+                        return Example(
+                            id, f"ruler/{subtask}", context, question, tuple(answers), limit, {"length": length}
+                        )
 
                     example, hint = fit_length(build, tokenizer, length, start=hint)
                     out.append(example)
@@ -241,4 +247,3 @@ class RulerTask:
 
     def score(self, example: Example, prediction: str) -> float:
         return string_match_all(prediction, example.answers)
-
