@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job: PassKey on the 6 shared 2K-token prompts, full cache vs every compressed cache (a few minutes on 2 cores).
 demo: install
 	$(VENV)/bin/leankv eval --task passkey --data eval/data/passkey_peers.jsonl --limit 6 \
-		--methods full,hf-quanto:4,hetero:k8v4,hetero:k4v2,sparse:adakv@0.1,unified:leankv --out results/demo
+		--methods full,hf-quanto:4,hetero:k8v4,hetero:k4v2,sparse:adakv@0.2,unified:leankv,unified:leankv-adakv \
+		--out results/demo
 	cat results/demo/summary.md
+
+# Regenerates the tables of eval/RESULTS.md into eval/results/ (hours on 2 CPU cores; each suite says what it runs).
+results: install
+	$(VENV)/bin/leankv eval --suite eval/suites/hetero_kl.yaml
+	$(VENV)/bin/leankv eval --suite eval/suites/passkey_peers.yaml
+	$(VENV)/bin/leankv bench --suite eval/suites/bench.yaml
 
 lint: install
 	$(VENV)/bin/ruff check leankv_hf tests

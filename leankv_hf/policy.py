@@ -210,22 +210,21 @@ class ThresholdPolicy(Policy):
 @dataclass
 class LeanKVPolicy(Policy):
     """LeanKV tiers: mean attention >= ``alpha_quant / context`` -> high tier (0); >= ``alpha_prune / context``
-    -> low tier (1); else pruned. ``tighten`` (>= 1) scales both thresholds when a memory budget presses."""
+    -> low tier (1); else pruned. A head keeps at most its budget's best tokens (all of them without one)."""
 
     name: str = "leankv"
     alpha_prune: float = 0.02
     alpha_quant: float = 1.0
     tiers: int = 2
-    tighten: float = 1.0
     pooling: int = 7
 
     def tier_of(self, c: Candidates) -> torch.Tensor:
         uniform = 1.0 / c.context.view(-1, 1, 1).float()
-        high = c.scores >= self.alpha_quant * self.tighten * uniform
-        low = c.scores >= self.alpha_prune * self.tighten * uniform
+        high = c.scores >= self.alpha_quant * uniform
+        low = (c.scores >= self.alpha_prune * uniform) & _topk_mask(c.scores, c.budget)
         tier = torch.full_like(c.positions, PRUNED, dtype=torch.int8)
         tier = torch.where(low, torch.ones_like(tier) if self.tiers > 1 else torch.zeros_like(tier), tier)
-        return torch.where(high, torch.zeros_like(tier), tier)
+        return torch.where(high & low, torch.zeros_like(tier), tier)
 
 
 @dataclass

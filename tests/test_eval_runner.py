@@ -19,13 +19,7 @@ METHODS = ["full", "hf-quanto:4"] if QUANTO else ["full"]
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from threads; on a busy 2-core box OpenMP spin-waits make it far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

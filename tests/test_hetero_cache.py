@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import BATCH_PROMPTS, GREEDY, TINY_PROMPT, generate, lively
 from transformers import DynamicCache
 
 from leankv_hf.caches.base import SlidingWindowLayer
 from leankv_hf.caches.hetero import HeteroLayer, QuantizedHeteroCache
 from leankv_hf.testing import ARCHITECTURES, tiny_model
 
-# The default init (0.02) makes the random llama/qwen2/mistral emit one token forever, so "same output as
-# DynamicCache" would hold trivially; a wider init gives varied, attention-dependent greedy continuations.
-# (gemma3 is the other way round: varied at 0.02, stuck at 0.2.)
-INIT_RANGE = {"llama": 0.2, "qwen2": 0.2, "mistral": 0.2, "gemma3": 0.02}
-TINY_PROMPT = "The quick brown fox jumps over the lazy dog again and again, " * 3  # 183 byte tokens
-BATCH_PROMPTS = [
-    "A much longer prompt than the others, so that the rest get left padded.",
-    "short",
-    "A medium-sized prompt here.",
-    "Prompt number four, fairly long as well",
-]
 STORY = (
     "In the spring of 1871, the young engineer Clara Whitfield arrived in the mill town of Ashbourne with a "
     "trunk of drawings and a letter of introduction to the owner of the largest textile works in the valley. "
@@ -36,30 +26,13 @@ STORY = (
     "people in Ashbourne still spoke of the winter the river froze and only the steel wheels kept turning, "
     "because Clara had insisted on heating the channel with waste steam from the boilers."
 )  # 259 SmolLM2 tokens of varied prose
-GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 cores shared with other jobs: two OpenMP threads then spin against each other (10x
-    slower on these small ops), so this module runs single-threaded and restores the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def lively(arch: str, **kwargs):
-    return tiny_model(arch, initializer_range=INIT_RANGE[arch], **kwargs)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hetero_layers(cache) -> list[HeteroLayer]:
     return [layer for layer in cache.layers if isinstance(layer, HeteroLayer)]
-
-
-def generate(model, inputs, cache, **kwargs):
-    kwargs = {**GREEDY, "max_new_tokens": 16, **kwargs}
-    return model.generate(**inputs, past_key_values=cache, pad_token_id=model.config.pad_token_id, **kwargs)
 
 
 def generate_scored(model, inputs, cache, new_tokens):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import BATCH_PROMPTS, GREEDY, TINY_PROMPT, generate, lively
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from leankv_hf.caches.base import SlidingWindowLayer
@@ -15,28 +16,10 @@ from leankv_hf.caches.layer import LeanLayer
 from leankv_hf.caches.sparse import SparseHeadCache
 from leankv_hf.testing import ARCHITECTURES, tiny_model
 
-# The default init (0.02) makes the random llama/qwen2/mistral emit one token forever, so "same output as
-# DynamicCache" would hold trivially; a wider init gives varied, attention-dependent greedy continuations.
-INIT_RANGE = {"llama": 0.2, "qwen2": 0.2, "mistral": 0.2, "gemma3": 0.02}
-TINY_PROMPT = "The quick brown fox jumps over the lazy dog again and again, " * 3  # 183 byte tokens
-BATCH_PROMPTS = [
-    "A much longer prompt than the others, so that the rest get left padded.",
-    "short",
-    "A medium-sized prompt here.",
-    "Prompt number four, fairly long as well",
-]
 POLICIES = ("snapkv", "adakv", "h2o", "streaming", "pyramid", "chunkkv", "threshold")  # the evicting ones
-GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 cores shared with other jobs: two OpenMP threads then spin against each other (10x
-    slower on these small ops), so this module runs single-threaded and restores the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +34,8 @@ def passkey_ids(smol):
     return smol[1](open("eval/data/passkey_2k.txt").read(), return_tensors="pt").input_ids
 
 
-def lively(arch: str, **kwargs):
-    return tiny_model(arch, initializer_range=INIT_RANGE[arch], **kwargs)
-
-
 def lean_layers(cache) -> list[LeanLayer]:
     return [layer for layer in cache.layers if isinstance(layer, LeanLayer)]
-
-
-def generate(model, inputs, cache, **kwargs):
-    kwargs = {**GREEDY, "max_new_tokens": 16, **kwargs}
-    return model.generate(**inputs, past_key_values=cache, pad_token_id=model.config.pad_token_id, **kwargs)
 
 
 def stored_positions(layer: LeanLayer, b: int, h: int) -> list[int]:

@@ -56,8 +56,18 @@ def check_storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"storage_dtype={dtype!r}: choose None (16-bit) or one of {sorted(STORAGE_DTYPES)}")
 
 
-class BatchSelectMixin:
-    """Beam search and batch expansion for a layer that defines ``_select_batch(index)`` over its batch rows."""
+class CompressedLayer(CacheLayerMixin):
+    """What a leankv layer shares: no length limit, the dense geometry the byte counter compares against, and
+    beam search / batch expansion through ``_select_batch(index)`` over its batch rows."""
+
+    is_sliding = False
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def dense_geometry(self) -> tuple[int, int, int]:
+        batch, heads, _, dim = self.keys.shape
+        return batch, heads, dim
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import CacheLayerMixin
 
 from ..store import DenseStore, Precision
-from .base import BatchSelectMixin, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
+from .base import CompressedLayer, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
 
 
-class HeteroLayer(BatchSelectMixin, CacheLayerMixin):
+class HeteroLayer(CompressedLayer):
     """One layer: a quantized `DenseStore` plus a residual window of recent tokens (``self.keys/values``).
 
     New tokens are attended exactly in the step they arrive; once the window holds ``2 * residual_length``
@@ -20,7 +19,6 @@ class HeteroLayer(BatchSelectMixin, CacheLayerMixin):
     window (and a 16-bit side) is held at ``storage_dtype`` (default: the model's dtype, at most 16 bits).
     """
 
-    is_sliding = False
     is_croppable = True
 
     def __init__(
@@ -71,13 +69,6 @@ class HeteroLayer(BatchSelectMixin, CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def dense_geometry(self) -> tuple[int, int, int]:
-        batch, heads, _, dim = self.keys.shape
-        return batch, heads, dim
 
     def reset(self) -> None:
         self.store = DenseStore(self.store.key, self.store.value)

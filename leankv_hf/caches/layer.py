@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import CacheLayerMixin
 
 from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import PRUNED, Candidates, Policy
 from ..store import Precision, RaggedStore, decode, select
-from .base import BatchSelectMixin, sixteen_bit
+from .base import CompressedLayer, sixteen_bit
 
 MAX_AGE = 255
 
@@ -47,11 +46,10 @@ class LayerSettings:
     reserve_tokens: int = 0  # tokens per batch row and KV head that uncompressed (sliding) layers hold
 
 
-class LeanLayer(BatchSelectMixin, CacheLayerMixin):
+class LeanLayer(CompressedLayer):
     """``layer_idx`` is the layer's rank among the cache's compressed layers, ``num_layers`` their count (the
     sliding layers of hybrid models are not compressed, so layer-dependent budgets must not count them)."""
 
-    is_sliding = False
     is_croppable = False  # evicted tokens cannot come back
 
     def __init__(self, layer_idx: int, num_layers: int, settings: LayerSettings):
@@ -138,13 +136,6 @@ class LeanLayer(BatchSelectMixin, CacheLayerMixin):
         # transformers builds the mask of the dense recent part only; the body's mask is per head (`body_view`).
         recent = self.keys.shape[-2] if self.is_initialized else 0
         return recent + query_length, self.seen - recent
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def dense_geometry(self) -> tuple[int, int, int]:
-        batch, heads, _, dim = self.keys.shape
-        return batch, heads, dim
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.num_layers, self.settings)

@@ -17,7 +17,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ..attention import use_leankv_attention
 from ..monitor import cache_stats
-from ..policy import PRUNED, SPARSE_POLICIES, Candidates, LeanKVPolicy, Policy, TopKPolicy, sparse_policy
+from ..policy import SPARSE_POLICIES, LeanKVPolicy, Policy, sparse_policy
 from ..store import Precision, fit_basis
 from .base import LeanCache, check_storage_dtype, full_attention_layers, head_dim, text_config
 from .layer import LayerSettings, LeanLayer
@@ -208,8 +208,7 @@ class LeanKVConfig:
     def build_policy(self) -> Policy:
         if self.policy != "leankv":
             return sparse_policy(self.policy)
-        policy = CappedLeanKVPolicy if self.prune_ratio else LeanKVPolicy
-        return policy(alpha_prune=self.alpha_prune, alpha_quant=self.alpha_quant)
+        return LeanKVPolicy(alpha_prune=self.alpha_prune, alpha_quant=self.alpha_quant)
 
 
 def _int(value) -> bool:
@@ -260,14 +259,6 @@ def _sparsify(params: dict) -> dict:
     return {"policy": policy} | ({"prune_ratio": params["ratio"]} if "ratio" in params else {})
 
 
-@dataclass
-class CappedLeanKVPolicy(LeanKVPolicy):
-    """LeanKV's tiers, and each head keeps at most its budget's best tokens (the presets' "% pruned")."""
-
-    def tier_of(self, c: Candidates) -> torch.Tensor:
-        return super().tier_of(c).masked_fill(~TopKPolicy().select(c), PRUNED)
-
-
 class LowRankLayer(LeanLayer):
     """A `LeanLayer` whose tiers hold keys as coefficients on one basis per (batch, head): the SVD of the keys
     it holds when tokens first leave the exact window (the prompt's, normally). Tiers share it, so a demoted
@@ -296,6 +287,9 @@ PRESETS: dict[str, dict] = {
     "leankv-s": {"high": (8, 8), "low": (4, 4), "prune_ratio": 0.3},
     "leankv-m": {"high": (8, 8), "low": (4, 4), "prune_ratio": 0.3, "rank": 0.5},
     "leankv-l": {"high": (4, 4), "low": (2, 2), "prune_ratio": 0.5, "rank": 0.25},
+    # Per-head sparsity and quantization together: each layer's heads share 20% of the tokens by importance
+    # (AdaKV), stored at K8V4 -- about 10x smaller than 16-bit.
+    "leankv-adakv": {"high": (8, 4), "low": (4, 2), "policy": "adakv", "prune_ratio": 0.8},
 }
 
 

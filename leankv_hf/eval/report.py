@@ -13,8 +13,9 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from operator import attrgetter
 from pathlib import Path
 
 from .results import write_atomic
@@ -48,6 +49,28 @@ class Entry:
         return self.dense_bytes / self.cache_bytes if self.cache_bytes else math.inf
 
 
+def _columns(*quality: tuple[str, Callable[[Entry], object]]) -> tuple[tuple[str, Callable[[Entry], object]], ...]:
+    """Summary table columns: which example set, the quality columns, then size and speed."""
+    return (
+        ("task", attrgetter("task")),
+        ("method", attrgetter("method")),
+        ("setting", attrgetter("setting")),
+        ("n", attrgetter("n")),
+        *quality,
+        ("compression ×", attrgetter("compression")),
+        ("KV MiB", lambda e: e.cache_bytes / 2**20),
+        ("KV MiB after prompt", lambda e: e.prefill_cache_bytes / 2**20),
+        ("prefill s", attrgetter("prefill_s")),
+        ("decode ms/tok", attrgetter("decode_ms_per_token")),
+    )
+
+
+GENERATION_COLUMNS = _columns(("score", attrgetter("score")))
+TEACHER_FORCED_COLUMNS = _columns(
+    ("ppl", attrgetter("ppl")), ("Δnll vs full", attrgetter("delta_nll")), ("KL(full‖method)", attrgetter("kl"))
+)
+
+
 @dataclass(frozen=True)
 class Summary:
     entries: list[Entry]
@@ -56,77 +79,14 @@ class Summary:
         return {"entries": [asdict(e) for e in self.entries]}
 
     def to_markdown(self) -> str:
-        generation = [e for e in self.entries if e.score is not None]
-        teacher_forced = [e for e in self.entries if e.score is None]
         parts = []
-        if generation:
-            parts.append(
-                markdown_table(
-                    (
-                        "task",
-                        "method",
-                        "setting",
-                        "n",
-                        "score",
-                        "compression ×",
-                        "KV MiB",
-                        "KV MiB after prompt",
-                        "prefill s",
-                        "decode ms/tok",
-                    ),
-                    [
-                        (
-                            e.task,
-                            e.method,
-                            e.setting,
-                            e.n,
-                            e.score,
-                            e.compression,
-                            e.cache_bytes / 2**20,
-                            e.prefill_cache_bytes / 2**20,
-                            e.prefill_s,
-                            e.decode_ms_per_token,
-                        )
-                        for e in generation
-                    ],
-                )
-            )
-        if teacher_forced:
-            parts.append(
-                markdown_table(
-                    (
-                        "task",
-                        "method",
-                        "setting",
-                        "n",
-                        "ppl",
-                        "Δnll vs full",
-                        "KL(full‖method)",
-                        "compression ×",
-                        "KV MiB",
-                        "KV MiB after prompt",
-                        "prefill s",
-                        "decode ms/tok",
-                    ),
-                    [
-                        (
-                            e.task,
-                            e.method,
-                            e.setting,
-                            e.n,
-                            e.ppl,
-                            e.delta_nll,
-                            e.kl,
-                            e.compression,
-                            e.cache_bytes / 2**20,
-                            e.prefill_cache_bytes / 2**20,
-                            e.prefill_s,
-                            e.decode_ms_per_token,
-                        )
-                        for e in teacher_forced
-                    ],
-                )
-            )
+        for columns, entries in (
+            (GENERATION_COLUMNS, [e for e in self.entries if e.score is not None]),
+            (TEACHER_FORCED_COLUMNS, [e for e in self.entries if e.score is None]),
+        ):
+            if entries:
+                rows = [tuple(get(e) for _, get in columns) for e in entries]
+                parts.append(markdown_table(tuple(name for name, _ in columns), rows))
         return "\n\n".join(parts) + "\n"
 
 
@@ -216,8 +176,9 @@ def pyplot():
 
 
 def plot_score_vs_ratio(summary: Summary, out_dir: str | Path) -> list[Path]:
-    """One PNG per task: quality (score, or perplexity) against compression vs 16-bit dense, one labelled
-    point per method (and setting, when several were run)."""
+    """One PNG per task: quality against compression vs 16-bit dense, one labelled point per method (and setting,
+    when several were run). Quality is the score, or for perplexity the KL to the full cache (log scale; the
+    full cache itself, at KL 0, is left out)."""
     plt = pyplot()
     by_task: dict[str, list[Entry]] = defaultdict(list)
     for entry in summary.entries:
@@ -225,23 +186,22 @@ def plot_score_vs_ratio(summary: Summary, out_dir: str | Path) -> list[Path]:
     paths = []
     for task, entries in by_task.items():
         several_settings = len({e.setting for e in entries}) > 1
-        figure, axes = plt.subplots(figsize=(6, 4))
+        scored = entries[0].score is not None
+        figure, axes = plt.subplots(figsize=(7, 4.5))
         for e in entries:
-            y = e.score if e.score is not None else e.ppl
+            y = e.score if scored else e.kl
+            if not scored and not y:
+                continue
             axes.scatter(e.compression, y)
-            axes.annotate(
-                f"{e.method} ({e.setting})" if several_settings else e.method,
-                (e.compression, y),
-                fontsize=8,
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
+            label = f"{e.method} ({e.setting})" if several_settings else e.method
+            axes.annotate(label, (e.compression, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         axes.set_xlabel("compression vs 16-bit dense (x, real bytes, higher is smaller)")
-        if entries[0].score is not None:
+        if scored:
             axes.set_ylim(-5, 105)
             axes.set_ylabel("score (0-100)")
         else:
-            axes.set_ylabel("perplexity (lower is better)")
+            axes.set_yscale("log")
+            axes.set_ylabel("mean KL(full || method) per token (lower is better)")
         axes.margins(x=0.2)
         axes.set_title(task)
         axes.grid(alpha=0.3)
