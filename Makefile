@@ -22,7 +22,6 @@ demo: install
 	$(VENV)/bin/leankv eval --task passkey --data eval/data/passkey_peers.jsonl --limit 6 \
 		--methods full,hf-quanto:4,hetero:k8v4,hetero:k4v2,sparse:adakv@0.2,unified:leankv,unified:leankv-adakv \
 		--out results/demo
-	cat results/demo/summary.md
 
 # Regenerates the tables of eval/RESULTS.md into eval/results/ (hours on 2 CPU cores; each suite says what it runs).
 results: install

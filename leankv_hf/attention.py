@@ -63,13 +63,12 @@ def leankv_attention(
     scale = scaling if scaling is not None else dim**-0.5
     recent_mask = _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
-    body = layer.body_view(query.dtype, query)  # (keys, values, valid) or None: transient, this layer only
+    body = layer.body_view(query.dtype, (key, value), query)  # body + recent, or None: transient, this layer only
     if body is None:
         all_k, all_v = key, value
         full_mask = recent_mask
     else:
-        body_k, body_v, body_valid = body
-        all_k, all_v = torch.cat([body_k, key], dim=2), torch.cat([body_v, value], dim=2)
+        all_k, all_v, body_valid = body
         body_mask = body_valid[:, :, None, None, :].expand(-1, -1, groups, q_len, -1)
         recent = recent_mask[:, :, None].expand(-1, key.shape[1], groups, -1, -1)
         full_mask = torch.cat([body_mask, recent], dim=-1).flatten(2, 3)  # [B, Hkv, G*Q, L]
@@ -83,8 +82,16 @@ def leankv_attention(
         out = torch.matmul(probs.to(all_v.dtype), all_v)
     else:
         if body is None:
+            # No padding and a fresh prompt: plain causal attention, which lets sdpa skip the materialized mask.
+            causal = attention_mask is None and q_len == key.shape[2]
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, all_k, all_v, attn_mask=full_mask, scale=scale, enable_gqa=groups > 1
+                query,
+                all_k,
+                all_v,
+                attn_mask=None if causal else full_mask,
+                is_causal=causal,
+                scale=scale,
+                enable_gqa=groups > 1,
             ).reshape(batch, key.shape[1], groups * q_len, -1)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(

@@ -102,6 +102,18 @@ def fit_basis(x: torch.Tensor, rank: int, valid: torch.Tensor | None = None) -> 
     return vectors[..., -rank:].flip(-1).to(x.dtype).contiguous()
 
 
+def padded_buffers(
+    slots: int, width: int, body: int, dim: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[slots, width, dim]`` keys and values whose first ``body`` slots are zero (the rest is left for the
+    caller to fill), and ``valid[slots, body]``: what `RaggedStore.scatter_into` writes."""
+    keys = torch.empty(slots, width, dim, dtype=dtype, device=device)
+    values = torch.empty_like(keys)
+    keys[:, :body].zero_()
+    values[:, :body].zero_()
+    return keys, values, torch.zeros(slots, body, dtype=torch.bool, device=device)
+
+
 def segment_matmul(x: torch.Tensor, segments: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     """``x[i] @ mats[segments[i]]`` for rows ``x[N, a]`` and ``mats[S, a, b]``: rows padded per segment, one bmm."""
     counts = torch.bincount(segments, minlength=mats.shape[0])
@@ -293,31 +305,28 @@ class RaggedStore:
         """Transient ``[B, H, L, D]`` keys and values, ``valid[B, H, L]``, and each row's (segment, rank)."""
         batch, heads = self.counts.shape
         width = int(self.counts.max()) if self.rows else 0
+        dim = self.values.shape[-1] if self.rows else 0
+        keys, values, valid = padded_buffers(batch * heads, width, width, dim, dtype, self.counts.device)
+        segments, ranks = self.scatter_into(keys, values, valid, 0)
+        shape = (batch, heads, width)
+        return keys.view(*shape, -1), values.view(*shape, -1), valid.view(shape), segments, ranks
+
+    def scatter_into(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, offset: int):
+        """Write every row, decoded (low-rank keys rebuilt), into ``[B * H, L, D]`` buffers at slot
+        ``offset + rank`` of its (batch, head) row; mark ``valid``. Returns each row's (segment, rank)."""
         segments = self.segments()
         ranks = self.ranks(segments)
-        if self.rows and bool((self.counts == width).all()):  # every head holds as many: a plain view
-            pk = decode(self.keys, dtype).view(batch * heads, width, -1)
-            pv = decode(self.values, dtype).view(batch * heads, width, -1)
-            valid = torch.ones(batch * heads, width, dtype=torch.bool, device=self.counts.device)
-        else:
-            pk, pv, valid = self._pad(dtype, segments, ranks, width)
-        if self.key.rank and self.rows:
-            pk = torch.bmm(pk, self.basis.to(dtype).mT)  # coefficients -> keys, for this step only
-        shape = (batch, heads, width)
-        return pk.view(*shape, -1), pv.view(*shape, -1), valid.view(shape), segments, ranks
-
-    def _pad(self, dtype: torch.dtype, segments: torch.Tensor, ranks: torch.Tensor, width: int):
-        """Rows scattered into zero-padded ``[B * H, width, ...]`` keys and values, with their validity."""
-        device, slots = self.counts.device, self.counts.numel()
-        valid = torch.zeros(slots, width, dtype=torch.bool, device=device)
-        if not self.rows:
-            empty = torch.zeros(slots, 0, 0, dtype=dtype, device=device)
-            return empty, empty, valid
-        k, v = decode(self.keys, dtype), decode(self.values, dtype)
-        pk = k.new_zeros(slots, width, k.shape[-1])
-        pv = v.new_zeros(slots, width, v.shape[-1])
-        pk[segments, ranks], pv[segments, ranks], valid[segments, ranks] = k, v, True
-        return pk, pv, valid
+        if self.rows:
+            k = decode(self.keys, keys.dtype)
+            if self.key.rank:
+                k = segment_matmul(k, segments, self.basis.mT)  # coefficients -> keys, for this step only
+            slots = offset + ranks
+            keys[segments, slots], values[segments, slots], valid[segments, slots] = (
+                k,
+                decode(self.values, values.dtype),
+                True,
+            )
+        return segments, ranks
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or repeat whole batch rows (beam search): each new row copies the segments of ``index[b]``."""

@@ -471,10 +471,10 @@ def record_widths(monkeypatch) -> list[tuple[int, int, int, int]]:
     widths = []
     original = LeanLayer.body_view
 
-    def spy(self, dtype, query=None):
-        view = original(self, dtype, query)
+    def spy(self, dtype, recent, query=None):
+        view = original(self, dtype, recent, query)
         if query is not None and query.shape[2] == 1 and view is not None:
-            widths.append((self.seen, self.keys.shape[-2], int(self.tiers[0].counts.max()), view[0].shape[2]))
+            widths.append((self.seen, self.keys.shape[-2], int(self.tiers[0].counts.max()), view[2].shape[2]))
         return view
 
     monkeypatch.setattr(LeanLayer, "body_view", spy)
@@ -516,8 +516,9 @@ def test_quest_view_holds_the_pages_with_the_highest_bounds(tiny_tok):
     query = torch.randn(1, 4, 1, 16)  # 4 query heads, 2 per KV head
     for layer in lean_layers(cache):
         assert_page_bounds_match_the_store(layer)
-        keys, values, valid = layer.body_view(torch.float32, query)
-        full_keys, full_values, _ = layer.body_view(torch.float32)
+        nothing = layer.keys[:, :, :0].float()  # no recent tokens: the views hold the body alone
+        keys, values, valid = layer.body_view(torch.float32, (nothing, nothing), query)
+        full_keys, full_values, _ = layer.body_view(torch.float32, (nothing, nothing))
         pages = math.ceil((math.ceil(0.25 * layer.seen) - layer.keys.shape[-2]) / 16)
         for h in range(2):
             low, high = page_bounds(full_keys[0, h], 16)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import PRUNED, Candidates, Policy
-from ..store import Precision, RaggedStore, decode, select
+from ..store import Precision, RaggedStore, decode, padded_buffers, select
 from .base import CompressedLayer, sixteen_bit
 
 MAX_AGE = 255
@@ -174,9 +174,13 @@ class LeanLayer(CompressedLayer):
         every decode query (scores keep accumulating); none for a query-aware policy, which evicts nothing."""
         return 0 if self.settings.policy.page_size else min(self.settings.window, query_length)
 
-    def body_view(self, dtype: torch.dtype, query: torch.Tensor | None = None):
-        """Transient padded ``(keys, values, valid)`` of all tiers, or None when nothing is stored yet. Given the
-        decode ``query`` ``[B, Hq, 1, D]``, a query-aware policy narrows it to the pages it picks."""
+    def body_view(
+        self, dtype: torch.dtype, recent: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor | None = None
+    ):
+        """Transient ``(keys, values, valid)``: every tier's rows padded per head, then the ``recent`` keys and
+        values ``[B, H, R, D]`` (one buffer each, so nothing is concatenated); ``valid[B, H, body]`` marks the
+        padded body's real rows. None when nothing is stored yet. Given the decode ``query`` ``[B, Hq, 1, D]``,
+        a query-aware policy narrows the body to the pages it picks."""
         if not any(tier.rows for tier in self.tiers):
             self._rows = None
             return None
@@ -184,19 +188,22 @@ class LeanLayer(CompressedLayer):
             paged = self._page_view(query, dtype)
             if paged is not None:
                 self._rows = None  # a query-aware policy takes no scores
-                return paged
-        ks, vs, valids, routes, offset = [], [], [], [], 0
-        for t, tier in enumerate(self.tiers):
-            if not tier.rows:
-                continue
-            k, v, valid, segments, ranks = tier.padded(dtype)
-            ks.append(k)
-            vs.append(v)
-            valids.append(valid)
-            routes.append((t, segments, ranks, offset))
-            offset += k.shape[2]
+                keys, values, valid = paged
+                return torch.cat([keys, recent[0]], 2), torch.cat([values, recent[1]], 2), valid
+        batch, heads, length, dim = recent[0].shape
+        widths = [int(tier.counts.max()) if tier.rows else 0 for tier in self.tiers]
+        body = sum(widths)
+        keys, values, valid = padded_buffers(batch * heads, body + length, body, dim, dtype, self.device)
+        keys[:, body:] = recent[0].reshape(batch * heads, length, dim)
+        values[:, body:] = recent[1].reshape(batch * heads, length, dim)
+        routes, offset = [], 0
+        for t, (tier, width) in enumerate(zip(self.tiers, widths, strict=True)):
+            if tier.rows:
+                segments, ranks = tier.scatter_into(keys, values, valid, offset)
+                routes.append((t, segments, ranks, offset))
+            offset += width
         self._rows = routes
-        return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(valids, 2)
+        return keys.view(batch, heads, -1, dim), values.view(batch, heads, -1, dim), valid.view(batch, heads, body)
 
     def _page_view(self, query: torch.Tensor, dtype: torch.dtype):
         """The pages the policy picks for ``query``, gathered from the store: ``(keys, values, valid)`` of width
