@@ -27,6 +27,11 @@ from leankv_hf.testing import tiny_model
         ),
         ("sparse:adakv@0.2", MethodSpec("sparse", {"policy": "adakv", "budget": 0.2})),
         ("sparse:snapkv@512", MethodSpec("sparse", {"policy": "snapkv", "budget": 512})),
+        ("sparse:h2o@0.1", MethodSpec("sparse", {"policy": "h2o", "budget": 0.1})),
+        (
+            "unified:k8v4/k4v2,pr0.8,adakv",
+            MethodSpec("unified", {"high": (8, 4), "low": (4, 2), "prune_ratio": 0.8, "policy": "adakv"}),
+        ),
         ("unified:leankv-m", MethodSpec("unified", {"preset": "leankv-m"})),
         ("unified:leankv,g16", MethodSpec("unified", {"preset": "leankv", "group_size": 16})),
         (

@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,38 @@ def test_perplexity_nll_and_kl(model, tok, tmp_path):
     if QUANTO:
         quanto = summary.entries[1]
         assert quanto.kl > 0 and quanto.delta_nll is not None and quanto.ratio < full.ratio
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_shard_and_merge(model, tok, tmp_path):
+    """The real launch: torchrun starts two CPU processes (gloo); each runs half the examples, the main one merges."""
+    checkpoint = tmp_path / "tiny"
+    model.save_pretrained(checkpoint)
+    tok.save_pretrained(checkpoint)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "leankv_hf.eval"]
+    command += [
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--methods",
+        "full",
+        "--task",
+        "passkey",
+        "--lengths",
+        "120",
+        "--depths",
+        "0,1",
+        "--n-per-cell",
+        "2",
+        "--max-new-tokens",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_rows(out / ROWS)
+    assert len(rows) == len({r["id"] for r in rows}) == 4  # every example once: sharded, not run twice
+    assert "2/2" in done.stderr and "4/4" not in done.stderr  # the main process's progress: its half only
+    assert not list(out.glob("rows.rank*.jsonl"))

@@ -1,5 +1,6 @@
-"""``python -m leankv_hf.eval`` or ``accelerate launch -m leankv_hf.eval``: ``leankv eval``, sharded across
-processes when launched on several (each writes its own rows; the main process merges and reports)."""
+"""``python -m leankv_hf.eval``: ``leankv eval``, sharded across processes when launched on several (each
+writes its own rows; the main process merges and reports): ``accelerate launch --multi_gpu --num_processes N -m
+leankv_hf.eval ...`` on GPUs, ``torchrun --nproc_per_node N -m leankv_hf.eval ...`` on CPU cores."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..models import DEFAULT_MODEL
@@ -234,7 +235,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     try:
         resolve(args, EVAL_OPTIONS)
         task = build_task(args)
-        state = PartialState()
+        # On CPU-only machines accelerate shards only when told so (gloo processes from torchrun / accelerate).
+        state = PartialState(cpu=(args.device or "").startswith("cpu") or not torch.cuda.is_available())
         model, tokenizer = _load(args, args.device or (str(state.device) if state.num_processes > 1 else None))
     except (ValueError, ImportError, FileNotFoundError) as error:
         return _error("eval", error)

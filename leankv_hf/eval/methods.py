@@ -74,7 +74,7 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
         "hetero:kKvV[,gG][,chan][,rR]  (QuantizedHeteroCache: K/V bits, group size, per-channel keys, residual)",
     ),
     "sparse": (
-        r"([a-z_]+)@(\d+(?:\.\d*)?)",
+        r"([a-z][a-z0-9_]*)@(\d+(?:\.\d*)?)",
         lambda m: {"policy": m[1], "budget": _budget(m[2])},
         "sparse:POLICY@BUDGET  (SparseHeadCache; budget a fraction like 0.2 or a token count like 512)",
     ),
