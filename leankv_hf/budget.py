@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import PRUNED
+from .policy import PRUNED, topk_mask
 from .quant import QuantizedTensor
 from .store import Encoded, Precision
 
@@ -45,11 +45,7 @@ class BudgetReport:
 
 def _lowest(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """True for the ``k[b, h]`` lowest-scored entries of ``mask`` in each row of the last dim."""
-    order = scores.masked_fill(~mask, float("inf")).argsort(dim=-1)
-    rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    )
-    return mask & (rank < k[..., None])
+    return mask & topk_mask(-scores.masked_fill(~mask, float("inf")), k)
 
 
 def fit_to_budget(

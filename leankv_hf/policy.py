@@ -31,13 +31,14 @@ class Candidates:
     num_layers: int  # compressed layers
 
 
-def _topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row of the last dim, True for the ``k[b]`` highest scores (``k`` broadcast over the middle dims)."""
+def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row of the last dim, True for the ``k`` highest scores; ``k`` holds the leading dims of ``scores``
+    (``[B]``, broadcast over the middle dims, or ``[B, H]``)."""
     order = scores.argsort(dim=-1, descending=True)
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
     )
-    return rank < k.view(-1, *([1] * (scores.dim() - 1)))
+    return rank < k.view(*k.shape, *([1] * (scores.dim() - k.dim())))
 
 
 class Policy:
@@ -99,7 +100,7 @@ class TopKPolicy(Policy):
     pooling: int = 7
 
     def select(self, c: Candidates) -> torch.Tensor:
-        return _topk_mask(c.scores, c.budget)
+        return topk_mask(c.scores, c.budget)
 
 
 @dataclass
@@ -113,10 +114,10 @@ class AdaKVPolicy(TopKPolicy):
     def select(self, c: Candidates) -> torch.Tensor:
         scores = c.scores
         b, h, n = scores.shape
-        guaranteed = _topk_mask(scores, (c.budget.float() * self.floor).floor().long())
+        guaranteed = topk_mask(scores, (c.budget.float() * self.floor).floor().long())
         rest = scores.masked_fill(guaranteed, float("-inf")).reshape(b, 1, h * n)
         extra = (c.budget * h - guaranteed.view(b, -1).sum(-1)).clamp_min(0)
-        return guaranteed | _topk_mask(rest, extra).view(b, h, n)
+        return guaranteed | topk_mask(rest, extra).view(b, h, n)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class StreamingPolicy(Policy):
 
     def select(self, c: Candidates) -> torch.Tensor:
         recency = c.positions.float().masked_fill(~c.valid, float("-inf"))
-        return _topk_mask(recency, c.budget)
+        return topk_mask(recency, c.budget)
 
 
 @dataclass
@@ -158,7 +159,7 @@ class PyramidPolicy(TopKPolicy):
         return torch.minimum(scale[c.layer_idx] * level, cap).squeeze(-1).round().long()
 
     def select(self, c: Candidates) -> torch.Tensor:
-        return _topk_mask(c.scores, self.layer_budget(c))
+        return topk_mask(c.scores, self.layer_budget(c))
 
 
 @dataclass
@@ -204,7 +205,7 @@ class ThresholdPolicy(Policy):
     pooling: int = 7
 
     def select(self, c: Candidates) -> torch.Tensor:
-        return (c.scores >= self.alpha / c.context.view(-1, 1, 1).float()) & _topk_mask(c.scores, c.budget)
+        return (c.scores >= self.alpha / c.context.view(-1, 1, 1).float()) & topk_mask(c.scores, c.budget)
 
 
 @dataclass
@@ -221,7 +222,7 @@ class LeanKVPolicy(Policy):
     def tier_of(self, c: Candidates) -> torch.Tensor:
         uniform = 1.0 / c.context.view(-1, 1, 1).float()
         high = c.scores >= self.alpha_quant * uniform
-        low = (c.scores >= self.alpha_prune * uniform) & _topk_mask(c.scores, c.budget)
+        low = (c.scores >= self.alpha_prune * uniform) & topk_mask(c.scores, c.budget)
         tier = torch.full_like(c.positions, PRUNED, dtype=torch.int8)
         tier = torch.where(low, torch.ones_like(tier) if self.tiers > 1 else torch.zeros_like(tier), tier)
         return torch.where(high & low, torch.zeros_like(tier), tier)

@@ -82,11 +82,11 @@ class LeanLayer(CompressedLayer):
         if self.settings.budget_bytes is not None:
             dim = key_states.shape[-1]
             self.row_bytes = [row_nbytes(k, v, dim, self.storage_dtype) for k, v in self.settings.tiers]
-            self.head_bytes = torch.full((batch, heads), self._head_share(batch, heads, dim), device=self.device)
+            self.head_bytes = self._head_share(batch, heads, dim)
         self.is_initialized = True
 
-    def _head_share(self, batch: int, heads: int, dim: int) -> int:
-        """Bytes of stored rows each head may hold: the cache's cap split over the compressed layers, less what
+    def _head_share(self, batch: int, heads: int, dim: int) -> torch.Tensor:
+        """``[B, H]`` bytes of stored rows each head may hold: the cache's cap split over the compressed layers, less what
         a layer holds besides its rows at most (the exact window just before a compaction, counts, the low-rank
         basis) and a share of the uncompressed layers' windows."""
         s = self.settings
@@ -104,7 +104,7 @@ class LeanLayer(CompressedLayer):
                 f"budget_mb={s.budget_bytes / 2**20:g} is too small for a batch of {batch}: the exact window of "
                 f"{window} tokens and the sinks need {need:.3f} MiB; raise budget_mb or lower buffer/interval"
             )
-        return share
+        return torch.full((batch, heads), share, device=self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -165,8 +165,7 @@ class LeanLayer(CompressedLayer):
         for tier in self.tiers:
             tier.select_batch(index)
         if self.settings.budget_bytes is not None:  # a new batch size: a new share of the cap
-            batch, heads, _, dim = self.keys.shape
-            self.head_bytes = torch.full((batch, heads), self._head_share(batch, heads, dim), device=self.device)
+            self.head_bytes = self._head_share(*self.dense_geometry())
 
     # -- what the attention function uses ----------------------------------------------------------------
     def score_window(self, query_length: int) -> int:
@@ -338,18 +337,17 @@ class LeanLayer(CompressedLayer):
 
     def _fit_budget(self, target: torch.Tensor, c: Candidates) -> torch.Tensor:
         """Cut the policy's choice to the byte cap: per head, or pooled over the layer's heads (adaptive)."""
-        if not self.settings.budget_pooled:
-            return fit_to_budget(target, c.scores, c.sink, self.row_bytes, self.head_bytes, self.budget_report)
-        batch, heads, width = target.shape
-        pooled = fit_to_budget(
-            target.view(batch, 1, heads * width),
-            c.scores.reshape(batch, 1, -1),
-            c.sink.reshape(batch, 1, -1),
+        shape = (target.shape[0], 1, -1) if self.settings.budget_pooled else target.shape
+        budget = self.head_bytes.sum(-1, keepdim=True) if self.settings.budget_pooled else self.head_bytes
+        fitted = fit_to_budget(
+            target.reshape(shape),
+            c.scores.reshape(shape),
+            c.sink.reshape(shape),
             self.row_bytes,
-            self.head_bytes.sum(-1, keepdim=True),
+            budget,
             self.budget_report,
         )
-        return pooled.view(batch, heads, width)
+        return fitted.view_as(target)
 
     def _allowance(self, context: torch.Tensor) -> torch.Tensor:
         """``[B]`` tokens each head may hold (or attend, for a query-aware policy), recent window and sinks included."""
