@@ -38,6 +38,15 @@ def _recent_mask(mask: torch.Tensor | None, batch: int, q_len: int, r_len: int, 
     return mask[..., -r_len:].expand(batch, 1, q_len, r_len)
 
 
+def _visible(recent: torch.Tensor, body: torch.Tensor | None, rows: slice, heads: int, groups: int) -> torch.Tensor:
+    """``[B, Hkv, G*q, body + R]``: what the query ``rows`` see, packed like `_gqa_pack` queries; ``recent``
+    ``[B, 1, Q, R]`` from `_recent_mask`, ``body[B, Hkv, W]`` the valid rows of the stored body (or None)."""
+    recent = recent[:, :, rows].expand(-1, heads, -1, -1)
+    if body is not None:
+        recent = torch.cat([body[:, :, None].expand(-1, -1, recent.shape[2], -1), recent], -1)
+    return recent[:, :, None].expand(-1, -1, groups, -1, -1).flatten(2, 3)
+
+
 def _gqa_pack(query: torch.Tensor, groups: int) -> torch.Tensor:
     """``[B, Hq, Q, D] -> [B, Hkv, G*Q, D]``: attend per KV head without repeating keys."""
     batch, heads, q_len, dim = query.shape
@@ -59,53 +68,49 @@ def leankv_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     layer.attended = True
     batch, q_heads, q_len, dim = query.shape
-    groups = q_heads // key.shape[1]
+    heads = key.shape[1]
+    groups = q_heads // heads
     scale = scaling if scaling is not None else dim**-0.5
     recent_mask = _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
-    body = layer.body_view(query.dtype, (key, value), query)  # body + recent, or None: transient, this layer only
-    if body is None:
-        all_k, all_v = key, value
-        full_mask = recent_mask
-    else:
-        all_k, all_v, body_valid = body
-        body_mask = body_valid[:, :, None, None, :].expand(-1, -1, groups, q_len, -1)
-        recent = recent_mask[:, :, None].expand(-1, key.shape[1], groups, -1, -1)
-        full_mask = torch.cat([body_mask, recent], dim=-1).flatten(2, 3)  # [B, Hkv, G*Q, L]
-
+    body = layer.body_view(query.dtype, query)  # transient, this layer only
     window = layer.score_window(q_len)
     packed_q = _gqa_pack(query, groups)
-    if window == q_len:  # decode: one explicit softmax gives both the output and the scores
-        logits = torch.matmul(packed_q, all_k.transpose(-1, -2)).float() * scale
-        logits = logits.masked_fill(~full_mask, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        out = torch.matmul(probs.to(all_v.dtype), all_v)
+    valid = None if body is None else body.valid
+    if window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores
+        logits = torch.matmul(packed_q, key.transpose(-1, -2))
+        if body is not None:  # low-rank keys are scored in their reduced space: (q @ basis) @ coefficients^T
+            reduced = packed_q if body.basis is None else torch.matmul(packed_q, body.basis)
+            logits = torch.cat([body.keys.scores(reduced), logits], -1)
+        mask = _visible(recent_mask, valid, slice(None), heads, groups)
+        probs = torch.softmax(logits.float().mul_(scale).masked_fill_(~mask, float("-inf")), dim=-1)
+        probs_v = probs.to(value.dtype)
+        out = torch.matmul(probs_v[..., -key.shape[2] :], value)
+        if body is not None:
+            out += body.values.weigh(probs_v[..., : body.valid.shape[-1]])
     else:
         if body is None:
             # No padding and a fresh prompt: plain causal attention, which lets sdpa skip the materialized mask.
+            all_k = key
             causal = attention_mask is None and q_len == key.shape[2]
             out = torch.nn.functional.scaled_dot_product_attention(
                 query,
-                all_k,
-                all_v,
-                attn_mask=None if causal else full_mask,
+                key,
+                value,
+                attn_mask=None if causal else recent_mask,
                 is_causal=causal,
                 scale=scale,
                 enable_gqa=groups > 1,
             ).reshape(batch, key.shape[1], groups * q_len, -1)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                packed_q, all_k, all_v, attn_mask=full_mask, scale=scale
-            )
+        else:  # a prompt after earlier turns: rebuild the body's keys and attend over body and prompt
+            all_k, all_v = torch.cat([body.full_keys(), key], 2), torch.cat([body.values.dense(), value], 2)
+            mask = _visible(recent_mask, valid, slice(None), heads, groups)
+            out = torch.nn.functional.scaled_dot_product_attention(packed_q, all_k, all_v, attn_mask=mask, scale=scale)
         probs = None
         if window:
-            tail_q = query[:, :, -window:]
-            if body is None:
-                tail_mask = recent_mask[..., -window:, :].expand(-1, key.shape[1], -1, -1).repeat(1, 1, groups, 1)
-            else:
-                tail_mask = full_mask.unflatten(2, (groups, q_len))[:, :, :, -window:].flatten(2, 3)
-            logits = torch.matmul(_gqa_pack(tail_q, groups), all_k.transpose(-1, -2)).float() * scale
-            probs = torch.softmax(logits.masked_fill(~tail_mask, float("-inf")), dim=-1)
+            tail = _visible(recent_mask, valid, slice(q_len - window, None), heads, groups)
+            logits = torch.matmul(_gqa_pack(query[:, :, -window:], groups), all_k.transpose(-1, -2)).float() * scale
+            probs = torch.softmax(logits.masked_fill(~tail, float("-inf")), dim=-1)
     if probs is not None:
         # [B, Hkv, G*w, L] -> per KV head, aggregated over its query heads, summed over the window's queries
         per_head = probs.view(batch, key.shape[1], groups, -1, probs.shape[-1])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .quant import QuantizedTensor, quantize
+from .quant.packing import unpack
 
 BITS = (16, 8, 4, 2)
 AXES = ("token", "channel")
@@ -100,18 +101,6 @@ def fit_basis(x: torch.Tensor, rank: int, valid: torch.Tensor | None = None) -> 
     weighted = wide if valid is None else wide * valid[..., None]
     _, vectors = torch.linalg.eigh(weighted.mT @ wide)  # ascending eigenvalues
     return vectors[..., -rank:].flip(-1).to(x.dtype).contiguous()
-
-
-def padded_buffers(
-    slots: int, width: int, body: int, dim: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[slots, width, dim]`` keys and values whose first ``body`` slots are zero (the rest is left for the
-    caller to fill), and ``valid[slots, body]``: what `RaggedStore.scatter_into` writes."""
-    keys = torch.empty(slots, width, dim, dtype=dtype, device=device)
-    values = torch.empty_like(keys)
-    keys[:, :body].zero_()
-    values[:, :body].zero_()
-    return keys, values, torch.zeros(slots, body, dtype=torch.bool, device=device)
 
 
 def segment_matmul(x: torch.Tensor, segments: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
@@ -250,11 +239,14 @@ class RaggedStore:
         positions: torch.Tensor,
         scores: torch.Tensor,
         ages: torch.Tensor,
+        projected: bool = False,
     ) -> None:
-        """Insert rows (each with its segment id), keeping rows sorted by segment and, inside one, by arrival."""
+        """Insert rows (each with its segment id), keeping rows sorted by segment and, inside one, by arrival.
+        ``projected``: low-rank keys come as coefficients on this store's basis (from `take` of a store sharing
+        it), not as keys."""
         if segments.numel() == 0:
             return
-        if self.key.rank:
+        if self.key.rank and not projected:
             if self.basis is None:
                 raise RuntimeError("low-rank keys need a basis: set store.basis (e.g. from fit_basis) before add()")
             k = segment_matmul(k, segments, self.basis)
@@ -265,15 +257,22 @@ class RaggedStore:
             "scores": scores.to(torch.float16),
             "ages": ages.to(torch.uint8),
         }
-        if self.rows == 0:
-            order = torch.sort(segments, stable=True).indices
-            for name, value in new.items():
-                setattr(self, name, select(value, 0, order))
-        else:
-            order = torch.sort(torch.cat([self.segments(), segments]), stable=True).indices
-            for name, value in new.items():
-                setattr(self, name, select(cat([getattr(self, name), value], 0), 0, order))
-        self.counts += torch.bincount(segments, minlength=self.counts.numel()).view_as(self.counts)
+        # Merge without sorting the stored rows: a stored row moves down by the new rows of earlier heads, the
+        # j-th new row (in head order) lands after every stored row of its head and earlier heads.
+        incoming = torch.bincount(segments, minlength=self.counts.numel())
+        rows, fresh = self.rows, segments.numel()
+        order = torch.empty(rows + fresh, dtype=torch.long, device=segments.device)
+        if rows:
+            old = self.segments()
+            order[torch.arange(rows, device=old.device) + (incoming.cumsum(0) - incoming)[old]] = torch.arange(
+                rows, device=old.device
+            )
+        by_head = torch.sort(segments, stable=True).indices
+        arrived = torch.arange(fresh, device=segments.device) + self.counts.flatten().cumsum(0)[segments[by_head]]
+        order[arrived] = rows + by_head
+        for name, value in new.items():
+            setattr(self, name, select(cat([getattr(self, name), value], 0) if rows else value, 0, order))
+        self.counts += incoming.view_as(self.counts)
 
     def keep(self, mask: torch.Tensor) -> None:
         """Drop the rows where ``mask`` is False: their memory is released."""
@@ -286,47 +285,19 @@ class RaggedStore:
         self.counts = torch.bincount(segments, minlength=self.counts.numel()).view_as(self.counts)
 
     def take(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Remove the rows where ``mask`` is True and return them decoded (for demotion to another tier)."""
+        """Remove the rows where ``mask`` is True and return them decoded (for demotion to another tier); low-rank
+        keys stay coefficients on the basis (``add(..., projected=True)`` them to a store sharing it)."""
         index = mask.nonzero().squeeze(1)
-        segments = self.segments()[index]
-        k = decode(select(self.keys, 0, index), dtype)
         out = {
-            "k": segment_matmul(k, segments, self.basis.mT) if self.key.rank else k,
+            "k": decode(select(self.keys, 0, index), dtype),
             "v": decode(select(self.values, 0, index), dtype),
-            "segments": segments,
+            "segments": self.segments()[index],
             "positions": self.positions[index],
             "scores": self.scores[index],
             "ages": self.ages[index],
         }
         self.keep(~mask)
         return out
-
-    def padded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Transient ``[B, H, L, D]`` keys and values, ``valid[B, H, L]``, and each row's (segment, rank)."""
-        batch, heads = self.counts.shape
-        width = int(self.counts.max()) if self.rows else 0
-        dim = self.values.shape[-1] if self.rows else 0
-        keys, values, valid = padded_buffers(batch * heads, width, width, dim, dtype, self.counts.device)
-        segments, ranks = self.scatter_into(keys, values, valid, 0)
-        shape = (batch, heads, width)
-        return keys.view(*shape, -1), values.view(*shape, -1), valid.view(shape), segments, ranks
-
-    def scatter_into(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, offset: int):
-        """Write every row, decoded (low-rank keys rebuilt), into ``[B * H, L, D]`` buffers at slot
-        ``offset + rank`` of its (batch, head) row; mark ``valid``. Returns each row's (segment, rank)."""
-        segments = self.segments()
-        ranks = self.ranks(segments)
-        if self.rows:
-            k = decode(self.keys, keys.dtype)
-            if self.key.rank:
-                k = segment_matmul(k, segments, self.basis.mT)  # coefficients -> keys, for this step only
-            slots = offset + ranks
-            keys[segments, slots], values[segments, slots], valid[segments, slots] = (
-                k,
-                decode(self.values, values.dtype),
-                True,
-            )
-        return segments, ranks
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or repeat whole batch rows (beam search): each new row copies the segments of ``index[b]``."""
@@ -345,3 +316,139 @@ class RaggedStore:
         if self.basis is not None:
             self.basis = self.basis.index_select(0, source)
         self.counts = lengths.view(index.shape[0], heads)
+
+
+@dataclass
+class PaddedRows:
+    """``[B, H, W, D]`` rows, as floats or as int codes with one scale and zero per row (``x = code * scale +
+    zero``, ``scale``/``zero`` ``[B, H, W]``). Products apply the scale and zero per row on the small side, so
+    coded rows are never dequantized: attention reads each code once."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        if self.scale is None:
+            return self.data
+        return torch.addcmul(self.zero[..., None], self.data, self.scale[..., None])
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]``."""
+        out = torch.matmul(query, self.data.mT)
+        if self.scale is None:
+            return out
+        return out.mul_(self.scale[:, :, None]).add_(query.sum(-1, keepdim=True) * self.zero[:, :, None])
+
+    def weigh(self, probs: torch.Tensor) -> torch.Tensor:
+        """``probs[B, H, Q, W] @ rows`` -> ``[B, H, Q, D]``."""
+        if self.scale is None:
+            return torch.matmul(probs, self.data)
+        return torch.matmul(probs * self.scale[:, :, None], self.data) + torch.matmul(probs, self.zero[..., None])
+
+
+@dataclass
+class Body:
+    """A transient padded view of stored tokens ``[B, H, W, ...]``; ``valid[B, H, W]`` marks the real rows and
+    ``slots`` holds, per store, each row's index in the flattened ``[B * H * W]`` body (to route scores back).
+
+    Low-rank ``keys`` are coefficients on ``basis[B, H, D, rank]`` (None: full-rank keys): attention can score
+    them in the reduced space, ``(q @ basis) @ keys^T``, or rebuild them with `full_keys`."""
+
+    keys: PaddedRows
+    values: PaddedRows
+    valid: torch.Tensor
+    basis: torch.Tensor | None = None
+    slots: list[torch.Tensor] | None = None
+
+    def full_keys(self) -> torch.Tensor:
+        keys = self.keys.dense()
+        return keys if self.basis is None else keys @ self.basis.mT
+
+
+class PaddedLayout:
+    """Where the rows of some `RaggedStore`s go in a per-head padded body: each (batch, head) holds the rows of
+    every store in turn, padded to the head holding the most. Stores change only when a cache compacts, so a
+    layout is made then and reused by every decode step until the next; it holds a few numbers per head, none
+    per row.
+
+    Example:
+        >>> import torch
+        >>> from leankv_hf.store import PaddedLayout, Precision, RaggedStore
+        >>> store = RaggedStore(Precision(8, 16), Precision(8, 16))
+        >>> store.init(batch=1, heads=2, device=torch.device("cpu"))
+        >>> rows = torch.randn(3, 16)
+        >>> store.add(rows, rows, torch.tensor([0, 1, 1]), torch.arange(3), torch.zeros(3), torch.zeros(3))
+        >>> body = PaddedLayout([store]).view([store], torch.float32)
+        >>> body.keys.data.shape, body.valid.tolist()
+        (torch.Size([1, 2, 2, 16]), [[[True, False], [True, True]]])
+    """
+
+    def __init__(self, stores: list[RaggedStore]):
+        self.shape = tuple(stores[0].counts.shape)
+        counts = torch.stack([store.counts.flatten() for store in stores])  # [stores, B * H]
+        self.held = counts.sum(0)
+        self.width = int(self.held.max()) if self.held.numel() else 0
+        # Rows are sorted by head, so row i of head s in store t sits at s * width + (rows of head s in stores
+        # before t) + (i - rows of heads before s in store t): one shift per (store, head).
+        heads = torch.arange(counts.shape[1], device=counts.device) * self.width
+        self.shifts = heads + (counts.cumsum(0) - counts) - (counts.cumsum(1) - counts)
+
+    def view(self, stores: list[RaggedStore], dtype: torch.dtype) -> Body:
+        """Every stored row decoded into its slot (low-rank keys stay coefficients); empty slots are zero."""
+        batch, heads = self.shape
+        device = stores[0].counts.device
+        slots = [
+            torch.arange(store.rows, device=device)
+            + shift.repeat_interleave(store.counts.flatten(), output_size=store.rows)
+            for store, shift in zip(stores, self.shifts, strict=True)
+        ]
+        # Which row of the stores, taken in turn, fills each slot; empty slots take the zero row appended last.
+        total = sum(store.rows for store in stores)
+        source = torch.full((batch * heads * self.width,), total, dtype=torch.long, device=device)
+        first = 0
+        for store, where in zip(stores, slots, strict=True):
+            source[where] = torch.arange(first, first + store.rows, device=device)
+            first += store.rows
+        held = [store for store in stores if store.rows]
+        shape = (batch, heads, self.width)
+        keys = gather_rows([store.keys for store in held], source, dtype, shape)
+        values = gather_rows([store.values for store in held], source, dtype, shape)
+        basis = held[0].basis
+        return Body(
+            keys,
+            values,
+            (torch.arange(self.width, device=device) < self.held[:, None]).view(batch, heads, self.width),
+            None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype),
+            slots,
+        )
+
+
+def gather_rows(
+    parts: list[Encoded], source: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int]
+) -> PaddedRows:
+    """Rows ``shape + (D,)`` in ``dtype``: flat row ``i`` is row ``source[i]`` of the ``parts`` taken in turn,
+    or zero where ``source[i]`` is their total row count.
+
+    When every part holds int codes with one group layout, the codes, scales and zeros are gathered (moving
+    bytes, not floats): one group per row stays coded (`PaddedRows`), more are dequantized in one pass.
+    Otherwise each part is decoded and the floats gathered. Gathers, not scatters: a CPU row gather copies
+    whole rows, a scatter works element by element."""
+
+    def gathered(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([*tensors, tensors[0].new_zeros(1, tensors[0].shape[-1])]).index_select(0, source)
+
+    layouts = {
+        (rows.scale.shape[-1], rows.axis) if isinstance(rows, QuantizedTensor) and rows.fmt == "int" else None
+        for rows in parts
+    }
+    if len(layouts) > 1 or None in layouts or next(iter(layouts))[1] != "token":
+        return PaddedRows(gathered([decode(rows, dtype) for rows in parts]).view(*shape, -1))
+    codes = gathered([unpack(rows.payload, rows.bits) for rows in parts])  # empty slots: code 0, scale 0, zero 0
+    scale = gathered([rows.scale.to(dtype) for rows in parts])
+    zero = gathered([rows.zero.to(dtype) for rows in parts])
+    if scale.shape[-1] == 1:
+        return PaddedRows(codes.to(dtype).view(*shape, -1), scale.view(shape), zero.view(shape))
+    return PaddedRows(
+        replace(parts[0], payload=codes, scale=scale, zero=zero, bits=8).dequantize(dtype).view(*shape, -1)
+    )

@@ -150,14 +150,15 @@ def test_pruned_tokens_leave_memory_on_smollm2(smol, passkey_ids):
 
 def documented_nbytes(cache) -> int:
     """Exact bytes of a SparseHeadCache per the layout LeanLayer/RaggedStore document: per stored row K and V
-    plus int32 position, fp16 score, uint8 age; per tier int64 counts[B, H]; the recent window's K and V plus
+    plus int32 position, fp16 score, uint8 age; per tier int64 counts[B, H] and the padded layout's int64 shift
+    per (batch, head), plus its int64 row count per (batch, head) (see `PaddedLayout`); the recent window's K and V plus
     fp32 score and uint8 age per (batch, head, token) and a bool valid per (batch, token); int64 padding[B]."""
     total = 0
     for layer in lean_layers(cache):
         batch, heads, recent, dim = layer.keys.shape
         itemsize = layer.keys.element_size()
         rows = sum(tier.rows for tier in layer.tiers)
-        total += rows * (2 * dim * itemsize + 4 + 2 + 1) + len(layer.tiers) * batch * heads * 8
+        total += rows * (2 * dim * itemsize + 4 + 2 + 1) + (2 * len(layer.tiers) + 1) * batch * heads * 8
         total += batch * heads * recent * (2 * dim * itemsize + 4 + 1) + batch * recent + batch * 8
     return total
 
@@ -471,10 +472,10 @@ def record_widths(monkeypatch) -> list[tuple[int, int, int, int]]:
     widths = []
     original = LeanLayer.body_view
 
-    def spy(self, dtype, recent, query=None):
-        view = original(self, dtype, recent, query)
+    def spy(self, dtype, query=None):
+        view = original(self, dtype, query)
         if query is not None and query.shape[2] == 1 and view is not None:
-            widths.append((self.seen, self.keys.shape[-2], int(self.tiers[0].counts.max()), view[2].shape[2]))
+            widths.append((self.seen, self.keys.shape[-2], int(self.tiers[0].counts.max()), view.valid.shape[2]))
         return view
 
     monkeypatch.setattr(LeanLayer, "body_view", spy)
@@ -516,9 +517,9 @@ def test_quest_view_holds_the_pages_with_the_highest_bounds(tiny_tok):
     query = torch.randn(1, 4, 1, 16)  # 4 query heads, 2 per KV head
     for layer in lean_layers(cache):
         assert_page_bounds_match_the_store(layer)
-        nothing = layer.keys[:, :, :0].float()  # no recent tokens: the views hold the body alone
-        keys, values, valid = layer.body_view(torch.float32, (nothing, nothing), query)
-        full_keys, full_values, _ = layer.body_view(torch.float32, (nothing, nothing))
+        view, full = layer.body_view(torch.float32, query), layer.body_view(torch.float32)
+        keys, values, valid = view.full_keys(), view.values.dense(), view.valid
+        full_keys, full_values = full.full_keys(), full.values.dense()
         pages = math.ceil((math.ceil(0.25 * layer.seen) - layer.keys.shape[-2]) / 16)
         for h in range(2):
             low, high = page_bounds(full_keys[0, h], 16)

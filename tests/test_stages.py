@@ -7,7 +7,16 @@ import torch
 
 from leankv_hf import LowRanker, Quantizer, Reconstructor, Sparsifier, cache_nbytes
 from leankv_hf.quant import QuantizedTensor
-from leankv_hf.store import DenseStore, Precision, RaggedStore, fit_basis, segment_matmul
+from leankv_hf.store import (
+    DenseStore,
+    PaddedLayout,
+    Precision,
+    RaggedStore,
+    decode,
+    fit_basis,
+    gather_rows,
+    segment_matmul,
+)
 
 
 def low_rank_keys(rank: int, shape=(2, 3, 40, 16), noise: float = 0.0) -> torch.Tensor:
@@ -141,10 +150,11 @@ def test_segment_matmul_multiplies_each_row_by_its_segments_matrix():
 
 
 def stored_view(store: RaggedStore):
-    """Each stored row's key and value from the padded view, in row order."""
-    k, v, valid, segments, ranks = store.padded(torch.float32)
-    assert int(valid.sum()) == store.rows
-    return k.flatten(0, 1)[segments, ranks], v.flatten(0, 1)[segments, ranks], segments
+    """Each stored row's key and value from the padded view (keys rebuilt from the basis), in row order."""
+    body = PaddedLayout([store]).view([store], torch.float32)
+    assert int(body.valid.sum()) == store.rows
+    (slots,) = body.slots
+    return body.full_keys().flatten(0, 2)[slots], body.values.dense().flatten(0, 2)[slots], store.segments()
 
 
 def test_ragged_store_low_rank_round_trip():
@@ -167,7 +177,8 @@ def test_ragged_store_low_rank_take_and_ragged_view():
     segments = store.segments()[mask]
     taken = store.take(mask, torch.float32)
     rows = keys.flatten(0, 1)[segments, taken["positions"].long()]
-    torch.testing.assert_close(taken["k"], rows, atol=1e-4, rtol=1e-4)
+    rebuilt = segment_matmul(taken["k"], taken["segments"], store.basis.mT)  # taken keys stay coefficients
+    torch.testing.assert_close(rebuilt, rows, atol=1e-4, rtol=1e-4)
     k, _, segments = stored_view(store)  # heads now hold different numbers of rows
     torch.testing.assert_close(k, keys.flatten(0, 1)[segments, store.positions.long()], atol=1e-4, rtol=1e-4)
 
@@ -203,3 +214,48 @@ def test_precision_checks_rank_against_the_head():
     assert Precision(8, 64, rank=32).group == 32
     with pytest.raises(ValueError, match="axis='token'"):
         Precision(8, 32, axis="channel", rank=16)
+
+
+# -- the padded body view: gathered rows, coded products, merged inserts -------------------------------------
+@pytest.mark.parametrize(
+    "precisions",
+    [
+        [Precision(8, 16), Precision(4, 16)],  # int codes, one group per row: stays coded
+        [Precision(8, 8), Precision(2, 8)],  # two groups per row: dequantized once
+        [Precision(16), Precision(4, 16)],  # mixed with 16-bit rows: decoded, then gathered
+    ],
+)
+def test_gather_rows_matches_decoding_each_part(precisions):
+    torch.manual_seed(0)
+    parts = [p.encode(torch.randn(n, 16)) for p, n in zip(precisions, (5, 7), strict=True)]
+    reference = torch.cat([decode(part, torch.float32) for part in parts] + [torch.zeros(1, 16)])
+    source = torch.tensor([3, 12, 0, 12, 11, 5, 7, 1, 12, 2, 4, 6, 8, 9, 10])  # 12: the zero row
+    rows = gather_rows(parts, source, torch.float32, (1, 3, 5))
+    torch.testing.assert_close(rows.dense().flatten(0, 2), reference[source])
+    assert (rows.scale is not None) == (precisions[0].group_size == 16 and precisions[0].quantized)
+
+
+def test_coded_rows_products_equal_the_dense_products():
+    torch.manual_seed(0)
+    coded = gather_rows([Precision(4, 16).encode(torch.randn(6, 16))], torch.arange(6), torch.float32, (1, 2, 3))
+    assert coded.scale is not None  # one group per row: kept as codes
+    query, probs = torch.randn(1, 2, 4, 16), torch.rand(1, 2, 4, 3)
+    dense = coded.dense()
+    torch.testing.assert_close(coded.scores(query), query @ dense.mT)
+    torch.testing.assert_close(coded.weigh(probs), probs @ dense)
+
+
+def test_ragged_store_add_merges_new_rows_after_each_heads_stored_rows():
+    store = RaggedStore(Precision(16), Precision(16))
+    store.init(1, 3, torch.device("cpu"))
+
+    def add(segments, positions):
+        rows = torch.tensor(positions, dtype=torch.float32)[:, None].expand(-1, 4)
+        n = len(positions)
+        store.add(rows, rows, torch.tensor(segments), torch.tensor(positions), torch.zeros(n), torch.zeros(n))
+
+    add([2, 0, 2], [0, 1, 2])
+    add([1, 2, 0, 1], [3, 4, 5, 6])
+    assert store.counts.tolist() == [[2, 2, 3]]
+    assert store.positions.tolist() == [1, 5, 3, 6, 0, 2, 4]  # by head, then by arrival
+    assert store.keys[:, 0].tolist() == [1, 5, 3, 6, 0, 2, 4]

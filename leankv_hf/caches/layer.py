@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import PRUNED, Candidates, Policy
-from ..store import Precision, RaggedStore, decode, padded_buffers, select
+from ..store import Body, PaddedLayout, PaddedRows, Precision, RaggedStore, decode, select
 from .base import CompressedLayer, sixteen_bit
 
 MAX_AGE = 255
@@ -60,7 +60,8 @@ class LeanLayer(CompressedLayer):
         self.seen = 0
         self.attended = True
         self.prefilled = False
-        self._rows = None  # (tier, segments, ranks, offset) of the last body view, to route scores back
+        self._layout = None  # where stored rows sit in the padded body (`PaddedLayout`), remade at each compaction
+        self._routes = None  # the slots of the last body view's rows, to route its scores back to them
 
     # -- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -164,6 +165,7 @@ class LeanLayer(CompressedLayer):
             setattr(self, name, getattr(self, name).index_select(0, index))
         for tier in self.tiers:
             tier.select_batch(index)
+        self._layout = PaddedLayout(self.tiers)
         if self.settings.budget_bytes is not None:  # a new batch size: a new share of the cap
             self.head_bytes = self._head_share(*self.dense_geometry())
 
@@ -173,40 +175,23 @@ class LeanLayer(CompressedLayer):
         every decode query (scores keep accumulating); none for a query-aware policy, which evicts nothing."""
         return 0 if self.settings.policy.page_size else min(self.settings.window, query_length)
 
-    def body_view(
-        self, dtype: torch.dtype, recent: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor | None = None
-    ):
-        """Transient ``(keys, values, valid)``: every tier's rows padded per head, then the ``recent`` keys and
-        values ``[B, H, R, D]`` (one buffer each, so nothing is concatenated); ``valid[B, H, body]`` marks the
-        padded body's real rows. None when nothing is stored yet. Given the decode ``query`` ``[B, Hq, 1, D]``,
-        a query-aware policy narrows the body to the pages it picks."""
+    def body_view(self, dtype: torch.dtype, query: torch.Tensor | None = None) -> Body | None:
+        """The stored tokens as a transient padded `Body` (low-rank keys as coefficients), or None when nothing
+        is stored yet. Given the decode ``query`` ``[B, Hq, 1, D]``, a query-aware policy narrows the body to the
+        pages it picks. The attention the body receives goes back to its rows through `observe`."""
+        self._routes = None
         if not any(tier.rows for tier in self.tiers):
-            self._rows = None
             return None
         if self.settings.policy.page_size and query is not None and query.shape[2] == 1:
             paged = self._page_view(query, dtype)
             if paged is not None:
-                self._rows = None  # a query-aware policy takes no scores
-                keys, values, valid = paged
-                return torch.cat([keys, recent[0]], 2), torch.cat([values, recent[1]], 2), valid
-        batch, heads, length, dim = recent[0].shape
-        widths = [int(tier.counts.max()) if tier.rows else 0 for tier in self.tiers]
-        body = sum(widths)
-        keys, values, valid = padded_buffers(batch * heads, body + length, body, dim, dtype, self.device)
-        keys[:, body:] = recent[0].reshape(batch * heads, length, dim)
-        values[:, body:] = recent[1].reshape(batch * heads, length, dim)
-        routes, offset = [], 0
-        for t, (tier, width) in enumerate(zip(self.tiers, widths, strict=True)):
-            if tier.rows:
-                segments, ranks = tier.scatter_into(keys, values, valid, offset)
-                routes.append((t, segments, ranks, offset))
-            offset += width
-        self._rows = routes
-        return keys.view(batch, heads, -1, dim), values.view(batch, heads, -1, dim), valid.view(batch, heads, body)
+                return paged  # a query-aware policy takes no scores
+        body = self._layout.view(self.tiers, dtype)
+        self._routes = body.slots
+        return body
 
     def _page_view(self, query: torch.Tensor, dtype: torch.dtype):
-        """The pages the policy picks for ``query``, gathered from the store: ``(keys, values, valid)`` of width
-        pages x page size, or None when the budget covers every page (then the full view is the same)."""
+        """The pages the policy picks for ``query``, gathered from the store: a `Body` of width pages x page size, or None when the budget covers every page (then the full view is the same)."""
         tier, size = self.tiers[0], self.settings.policy.page_size  # nothing is evicted: one tier holds all
         counts = tier.counts
         filled = (counts + size - 1) // size
@@ -223,7 +208,7 @@ class LeanLayer(CompressedLayer):
         batch, heads, width = valid.shape
         keys = decode(select(tier.keys, 0, rows), dtype).view(batch, heads, width, -1)
         values = decode(select(tier.values, 0, rows), dtype).view(batch, heads, width, -1)
-        return keys, values, valid
+        return Body(PaddedRows(keys), PaddedRows(values), valid)
 
     def observe(self, scores: torch.Tensor | None, n_queries: int, visible: torch.Tensor) -> None:
         """Take the attention ``scores[B, H, body + recent]`` summed over ``n_queries`` queries; compact when due."""
@@ -232,16 +217,13 @@ class LeanLayer(CompressedLayer):
             self.recent_scores, self.recent_ages = _running_mean(
                 self.recent_scores, self.recent_ages, scores[..., -recent:], n_queries
             )
-            if self._rows:
-                batch, heads = scores.shape[:2]
-                for t, segments, ranks, offset in self._rows:
-                    tier = self.tiers[t]
-                    flat = scores[..., offset : offset + int(tier.counts.max())].reshape(batch * heads, -1)
-                    tier.scores, tier.ages = _running_mean(
-                        tier.scores.float(), tier.ages, flat[segments, ranks], n_queries
-                    )
-                    tier.scores = tier.scores.half()
-        self._rows = None  # routing indices are transient: they must not outlive this step
+            if self._routes is not None:
+                body = scores[..., : self._layout.width].flatten()
+                for tier, slots in zip(self.tiers, self._routes, strict=True):
+                    if tier.rows:
+                        mean, tier.ages = _running_mean(tier.scores.float(), tier.ages, body[slots], n_queries)
+                        tier.scores = mean.half()
+        self._routes = None  # the rows the last view showed: they must not outlive this step
         if not self.prefilled:
             # Left padding: tokens the last prompt query cannot see are padding, never kept.
             self.recent_valid &= visible
@@ -317,7 +299,7 @@ class LeanLayer(CompressedLayer):
         exit_goal = target[rows, exit_slot].view(batch, heads, n_exit)
         for t, tier in enumerate(self.tiers):
             for part in moved[t]:
-                tier.add(part["k"], part["v"], part["segments"], part["positions"], part["scores"], part["ages"])
+                tier.add(**part, projected=True)  # the tiers share one basis
             b, h, i = (exit_goal == t).nonzero(as_tuple=True)
             tier.add(
                 self.keys[b, h, i],
@@ -329,6 +311,7 @@ class LeanLayer(CompressedLayer):
             )
             if s.policy.page_size:
                 self._add_to_pages(self.keys[b, h, i], b * heads + h, exit_pos[b, h, i] - self.padding[b])
+        self._layout = PaddedLayout(self.tiers)  # made once per compaction, used by every step until the next
         # Copies, not views: a view would pin the evicted tokens' storage until the next step.
         self.keys, self.values = self.keys[:, :, n_exit:].clone(), self.values[:, :, n_exit:].clone()
         self.recent_scores = self.recent_scores[..., n_exit:].clone()
