@@ -33,8 +33,9 @@ class Candidates:
 
 def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Per row of the last dim, True for the ``k`` highest scores; ``k`` holds the leading dims of ``scores``
-    (``[B]``, broadcast over the middle dims, or ``[B, H]``)."""
-    order = scores.argsort(dim=-1, descending=True)
+    (``[B]``, broadcast over the middle dims, or ``[B, H]``). Ties go to the earlier slot, on every device
+    (pooled scores tie often, and an unstable sort breaks ties differently on CPU and CUDA)."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
     )
@@ -186,7 +187,7 @@ class ChunkKVPolicy(Policy):
             sums = torch.zeros(*c.scores.shape[:2], span, device=c.scores.device)
             sums.scatter_add_(-1, chunk_id, c.scores.clamp_min(0).masked_fill(~c.valid, 0))
             sizes = torch.zeros_like(sums).scatter_add_(-1, chunk_id, c.valid.float())
-            best = sums.masked_fill(sizes == 0, float("-inf")).argsort(dim=-1, descending=True)
+            best = sums.masked_fill(sizes == 0, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
             fits = sizes.gather(-1, best).cumsum(-1) <= c.budget.view(-1, 1, 1)
             self._shared[group] = torch.zeros_like(fits).scatter_(-1, best, fits)
         kept_chunks = self._shared[group]

@@ -1,12 +1,12 @@
-"""The caches on a CUDA device (skipped without one): the same tokens, logits and bytes as on the CPU, and
+"""The caches on a CUDA device (skipped without one): the same logits and bytes as on the CPU, and
 half-precision generation that stays close to ``DynamicCache``."""
 
 import copy
 
 import pytest
 import torch
-from helpers import BATCH_PROMPTS, lively
-from transformers import DynamicCache
+from helpers import BATCH_PROMPTS, GREEDY, lively
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from leankv_hf import QuantizedHeteroCache, SparseHeadCache, UnifiedLeanCache
 from leankv_hf.testing import ARCHITECTURES
@@ -26,34 +26,50 @@ CACHES = {
 }
 
 
-def run(model, inputs, cache, new: int = 12):
+class Force(LogitsProcessor):
+    """Records each step's logits, then forces the given next tokens (teacher forcing through ``generate``)."""
+
+    def __init__(self, tokens: torch.Tensor | None):
+        self.tokens, self.logits = tokens, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.logits.append(scores.float().cpu())
+        if self.tokens is None:
+            return scores
+        forced = self.tokens[:, len(self.logits) - 1 : len(self.logits)].to(scores.device)
+        return torch.full_like(scores, float("-inf")).scatter_(1, forced, 0.0)
+
+
+def run(model, inputs, cache, new: int = 12, force: torch.Tensor | None = None):
+    """Greedy tokens ``[B, new]`` and the logits of every step ``[new, B, V]`` (of ``force``'s tokens, if given)."""
     inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
+    record = Force(force)
     out = model.generate(
         **inputs,
         past_key_values=cache,
         max_new_tokens=new,
-        do_sample=False,
-        top_p=None,
-        top_k=None,
-        temperature=None,
-        output_scores=True,
-        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([record]),
         pad_token_id=model.config.pad_token_id,
+        **GREEDY,
     )
-    return out.sequences.cpu(), torch.stack(out.scores).float().cpu()
+    return out[:, inputs["input_ids"].shape[1] :].cpu(), torch.stack(record.logits)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("name", CACHES)
 def test_cuda_matches_cpu(arch, name, tiny_tok):
-    """float32 on both devices (no TF32): the same tokens, logits within float rounding, the same stored bytes."""
+    """float32 on both devices (no TF32), the GPU fed the CPU's tokens: the same stored bytes; the first logits
+    (exact prefill attention) within float rounding, later ones within quantization noise (a rounding-level
+    difference can move a value across a quantization step, or reorder two near-equal scores)."""
     cpu = lively(arch)
     gpu = copy.deepcopy(cpu).cuda()
     inputs = tiny_tok(BATCH_PROMPTS, return_tensors="pt", padding=True)
     caches = CACHES[name](cpu), CACHES[name](gpu)
-    (cpu_tokens, cpu_logits), (gpu_tokens, gpu_logits) = run(cpu, inputs, caches[0]), run(gpu, inputs, caches[1])
-    assert torch.equal(gpu_tokens, cpu_tokens)
-    torch.testing.assert_close(gpu_logits, cpu_logits, atol=2e-3, rtol=1e-3)
+    tokens, cpu_logits = run(cpu, inputs, caches[0])
+    _, gpu_logits = run(gpu, inputs, caches[1], force=tokens)
+    torch.testing.assert_close(gpu_logits[0], cpu_logits[0], atol=2e-3, rtol=1e-3)
+    gap = (gpu_logits - cpu_logits).abs()
+    assert float(gap.mean()) < 1e-2 and float(gap.max()) < 0.5, (float(gap.mean()), float(gap.max()))
     assert caches[1].nbytes() == caches[0].nbytes() > 0
 
 
@@ -66,6 +82,6 @@ def test_half_precision_on_cuda_stays_close_to_dynamic_cache(name, dtype, tiny_t
     inputs = tiny_tok(BATCH_PROMPTS, return_tensors="pt", padding=True)
     _, reference = run(model, inputs, DynamicCache())
     tokens, logits = run(model, inputs, CACHES[name](model))
-    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 12
+    assert tokens.shape == (len(BATCH_PROMPTS), 12)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits[0], reference[0], atol=0.1, rtol=0.05)

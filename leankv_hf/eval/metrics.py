@@ -16,13 +16,23 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 
-import jieba
 
-with warnings.catch_warnings():  # fuzzywuzzy warns that python-Levenshtein is absent; the pure-Python path is exact
-    warnings.simplefilter("ignore")
-    from fuzzywuzzy import fuzz
+@functools.cache
+def _jieba():
+    """jieba (Chinese word segmentation), imported when a Chinese task is first scored: it takes a second."""
+    import jieba
 
-jieba.setLogLevel(60)
+    jieba.setLogLevel(60)
+    return jieba
+
+
+@functools.cache
+def _fuzz():
+    with warnings.catch_warnings():  # fuzzywuzzy warns that python-Levenshtein is absent; the pure-Python path is exact
+        warnings.simplefilter("ignore")
+        from fuzzywuzzy import fuzz
+    return fuzz
+
 
 _ZH_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
 _PUNCTUATION = set(string.punctuation)
@@ -55,7 +65,7 @@ def qa_f1_score(prediction: str, ground_truth: str) -> float:
 
 
 def _zh_tokens(text: str) -> list[str]:
-    return [t for t in (normalize_zh_answer(w) for w in jieba.cut(text, cut_all=False)) if t]
+    return [t for t in (normalize_zh_answer(w) for w in _jieba().cut(text, cut_all=False)) if t]
 
 
 def qa_f1_zh_score(prediction: str, ground_truth: str) -> float:
@@ -87,7 +97,7 @@ def rouge_zh_score(prediction: str, ground_truth: str) -> float:
     """ROUGE-L F-measure over jieba words."""
 
     def words(text: str) -> str:
-        return " ".join(jieba.cut(text, cut_all=False))
+        return " ".join(_jieba().cut(text, cut_all=False))
 
     return _rouge_l(True).score(words(ground_truth), words(prediction))["rougeL"].fmeasure
 
@@ -124,7 +134,7 @@ def code_sim_score(prediction: str, ground_truth: str) -> float:
     """Edit similarity (fuzzywuzzy ratio / 100) of the first prediction line that is not a comment or fence."""
     lines = prediction.lstrip("\n").split("\n")
     first = next((line for line in lines if "`" not in line and "#" not in line and "//" not in line), "")
-    return fuzz.ratio(first, ground_truth) / 100
+    return _fuzz().ratio(first, ground_truth) / 100
 
 
 def string_match_all(prediction: str, references: Sequence[str]) -> float:
