@@ -105,6 +105,31 @@ def test_full_rank_keys_match_the_plain_cache(inputs):
     assert max_logit_gap(low_rank, plain) > 1e-3  # the comparison can fail: rank 2 of 16 loses information
 
 
+def two_turns(model, tiny_tok, cache):
+    """A prompt, 6 new tokens, then a follow-up turn (its prefill attends over the stored body), 6 more."""
+    first = tiny_tok("The cat sat on the mat and looked at the moon. " * 3, return_tensors="pt")
+    out = generate(model, first, cache, new=6)
+    follow = tiny_tok(" Then it went to sleep, and dreamt of mice.", return_tensors="pt").input_ids
+    ids = torch.cat([out.sequences, follow], -1)
+    return generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cache, new=6)
+
+
+def test_multi_turn(tiny_tok):
+    """The second turn's prompt attends over the stored body: exact with 16-bit tiers, and a full-rank basis
+    (rebuilt keys at the prompt, reduced-space scores while decoding) matches plain full-rank keys."""
+    model = tiny_model()
+    reference = two_turns(model, tiny_tok, DynamicCache())
+    identity = UnifiedLeanCache(
+        model, high=(16, 16), low=(16, 16), alpha_prune=0.0, alpha_quant=2.0, storage_dtype="float32", **SMALL
+    )
+    out = two_turns(model, tiny_tok, identity)
+    assert torch.equal(out.sequences, reference.sequences) and max_logit_gap(out, reference) < 1e-5
+    settings = {"high": (16, 8), "low": (16, 4), "prune_ratio": 0.3, **SMALL}
+    plain = two_turns(model, tiny_tok, UnifiedLeanCache(model, **settings))
+    full_rank = two_turns(model, tiny_tok, UnifiedLeanCache(model, rank=16, **settings))
+    assert max_logit_gap(full_rank, plain) < 1e-4
+
+
 def test_low_rank_bytes_count_the_basis_once_per_layer(inputs):
     model = tiny_model()
     cache = UnifiedLeanCache(model, high=(16, 8), low=(16, 4), rank=4, **SMALL)

@@ -101,7 +101,8 @@ def run_bench(
     repeats: int = 3,
     seed: int = 0,
 ) -> list[BenchRow]:
-    """Measure every method (``full`` added first when missing) at every length."""
+    """Measure every method (``full`` added first when missing) at every length. Repeats go round the methods
+    (full, a, b, full, a, b, ...), so a slow spell of a shared machine lands on every method alike."""
     for spec in methods:
         parse_method(spec)
     methods = list(methods) if "full" in [method_label(m) for m in methods] else ["full", *methods]
@@ -111,10 +112,13 @@ def run_bench(
     rows = []
     for length in lengths:
         ids = bench_prompt(tokenizer, length, seed)
+        runs_of = {method_label(spec): [] for spec in methods}
+        for _ in range(repeats):
+            for spec in methods:
+                runs_of[method_label(spec)].append(_measure(model, ids, spec, decode_tokens))
         measured = {}
-        for spec in methods:
-            runs = [_measure(model, ids, spec, decode_tokens) for _ in range(repeats)]
-            measured[method_label(spec)] = {
+        for label, runs in runs_of.items():
+            measured[label] = {
                 "prefill_s": statistics.median(r["prefill_s"] for r in runs),
                 "decode_ms": statistics.median(r["decode_ms"] for r in runs),
                 "stored": runs[-1]["stored"],
