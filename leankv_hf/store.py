@@ -4,8 +4,9 @@
   quantized cache, which never evicts. Supports per-channel keys (groups span tokens).
 * `RaggedStore`: each (batch, head) holds its own tokens. Rows ``[N, ...]`` are sorted by (batch, head) and
   ``counts[B, H]`` says how many each holds (CSR), so persistent memory is exactly the kept tokens: nothing is
-  padded to the longest head. Attention reads a transient padded view, one layer at a time. Its keys may be
-  low rank (``Precision(rank=r)``): rows hold ``r`` coefficients on a per-(batch, head) basis (`fit_basis`).
+  padded to the longest head. Attention reads a transient padded view (`PaddedLayout`, `Body`), one layer at a
+  time; int-coded rows stay coded in it (`PaddedRows`). Its keys may be low rank (``Precision(rank=r)``): rows
+  hold ``r`` coefficients on a per-(batch, head) basis (`fit_basis`).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ class RaggedStore:
     token receives, fp16) with ``ages`` (observations, saturating at 255, uint8) let policies re-rank tokens.
 
     Low-rank keys (``key.rank``): rows hold coefficients on ``basis[B * H, D, rank]`` (set it, e.g. from
-    `fit_basis`, before the first ``add``); keys come back as ``coefficients @ basis^T``. Stores may share one.
+    `fit_basis`, before the first ``add``); the keys are ``coefficients @ basis^T``. Stores may share one.
     """
 
     key: Precision
