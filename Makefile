@@ -27,11 +27,19 @@ demo: install
 results: install
 	$(VENV)/bin/leankv eval --suite eval/suites/hetero_kl.yaml
 	$(VENV)/bin/leankv eval --suite eval/suites/passkey_peers.yaml
-	$(VENV)/bin/leankv bench --suite eval/suites/bench.yaml
+	$(PY) eval/plot_passkey_vs_peers.py
+	$(VENV)/bin/leankv eval --suite eval/suites/presets.yaml --limit 12
+	$(VENV)/bin/leankv eval --suite eval/suites/sparse_policies.yaml --limit 6
+	OMP_NUM_THREADS=1 $(VENV)/bin/leankv tune --budget-mb 8 --context 2048 --steps 32 --out eval/results/tune
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 -m leankv_hf.eval --suite eval/suites/passkey_gemma3.yaml --limit 6
+	OMP_NUM_THREADS=1 taskset -c 0 $(VENV)/bin/leankv bench --suite eval/suites/bench.yaml
+	OMP_NUM_THREADS=1 taskset -c 0 $(VENV)/bin/leankv bench --suite eval/suites/bench_long.yaml
+	OMP_NUM_THREADS=1 taskset -c 0 $(VENV)/bin/leankv bench --suite eval/suites/bench_presets.yaml
+	OMP_NUM_THREADS=1 taskset -c 0 $(PY) eval/lowrank.py
 
 lint: install
-	$(VENV)/bin/ruff check leankv_hf tests
-	$(VENV)/bin/ruff format --check leankv_hf tests
+	$(VENV)/bin/ruff check leankv_hf tests eval
+	$(VENV)/bin/ruff format --check leankv_hf tests eval
 
 test: install lint
 	$(PY) -m pytest -q
