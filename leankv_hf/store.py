@@ -380,12 +380,13 @@ class PaddedLayout:
         >>> store.init(batch=1, heads=2, device=torch.device("cpu"))
         >>> rows = torch.randn(3, 16)
         >>> store.add(rows, rows, torch.tensor([0, 1, 1]), torch.arange(3), torch.zeros(3), torch.zeros(3))
-        >>> body = PaddedLayout([store]).view([store], torch.float32)
+        >>> body = PaddedLayout([store]).view(torch.float32)
         >>> body.keys.data.shape, body.valid.tolist()
         (torch.Size([1, 2, 2, 16]), [[[True, False], [True, True]]])
     """
 
     def __init__(self, stores: list[RaggedStore]):
+        self.stores = stores
         self.shape = tuple(stores[0].counts.shape)
         counts = torch.stack([store.counts.flatten() for store in stores])  # [stores, B * H]
         self.held = counts.sum(0)
@@ -395,9 +396,9 @@ class PaddedLayout:
         heads = torch.arange(counts.shape[1], device=counts.device) * self.width
         self.shifts = heads + (counts.cumsum(0) - counts) - (counts.cumsum(1) - counts)
 
-    def view(self, stores: list[RaggedStore], dtype: torch.dtype) -> Body:
+    def view(self, dtype: torch.dtype) -> Body:
         """Every stored row decoded into its slot (low-rank keys stay coefficients); empty slots are zero."""
-        batch, heads = self.shape
+        stores, (batch, heads) = self.stores, self.shape
         device = stores[0].counts.device
         slots = [
             torch.arange(store.rows, device=device)

@@ -87,9 +87,9 @@ class LeanLayer(CompressedLayer):
         self.is_initialized = True
 
     def _head_share(self, batch: int, heads: int, dim: int) -> torch.Tensor:
-        """``[B, H]`` bytes of stored rows each head may hold: the cache's cap split over the compressed layers, less what
-        a layer holds besides its rows at most (the exact window just before a compaction, counts, the low-rank
-        basis) and a share of the uncompressed layers' windows."""
+        """``[B, H]`` bytes of stored rows each head may hold: the cache's cap split over the compressed layers,
+        less what a layer holds besides its rows at most (the exact window just before a compaction, counts, the
+        low-rank basis) and a share of the uncompressed layers' windows."""
         s = self.settings
         item = self.keys.element_size()
         window = s.recent + s.interval
@@ -186,12 +186,13 @@ class LeanLayer(CompressedLayer):
             paged = self._page_view(query, dtype)
             if paged is not None:
                 return paged  # a query-aware policy takes no scores
-        body = self._layout.view(self.tiers, dtype)
+        body = self._layout.view(dtype)
         self._routes = body.slots
         return body
 
     def _page_view(self, query: torch.Tensor, dtype: torch.dtype):
-        """The pages the policy picks for ``query``, gathered from the store: a `Body` of width pages x page size, or None when the budget covers every page (then the full view is the same)."""
+        """The pages the policy picks for ``query``, gathered from the store: a `Body` of width pages x page size,
+        or None when the budget covers every page (then the full view is the same)."""
         tier, size = self.tiers[0], self.settings.policy.page_size  # nothing is evicted: one tier holds all
         counts = tier.counts
         filled = (counts + size - 1) // size
