@@ -73,8 +73,9 @@ def leankv_attention(
     scale = scaling if scaling is not None else dim**-0.5
     recent_mask = _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
-    body = layer.body_view(query.dtype, query)  # transient, this layer only
     window = layer.score_window(q_len)
+    # Transient, this layer only. Decode reads the body through its products alone, so it may be read in place.
+    body = layer.body_view(query.dtype, query, fused=window == q_len)
     packed_q = _gqa_pack(query, groups)
     valid = None if body is None else body.valid
     if window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores

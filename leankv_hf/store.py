@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import kernels
 from .quant import QuantizedTensor, quantize
 from .quant.packing import unpack
 
@@ -350,17 +351,15 @@ class PaddedRows:
 
 @dataclass
 class Body:
-    """A transient padded view of stored tokens ``[B, H, W, ...]``; ``valid[B, H, W]`` marks the real rows and
-    ``slots`` holds, per store, each row's index in the flattened ``[B * H * W]`` body (to route scores back).
+    """A transient padded view of stored tokens ``[B, H, W, ...]``; ``valid[B, H, W]`` marks the real rows.
 
     Low-rank ``keys`` are coefficients on ``basis[B, H, D, rank]`` (None: full-rank keys): attention can score
     them in the reduced space, ``(q @ basis) @ keys^T``, or rebuild them with `full_keys`."""
 
-    keys: PaddedRows
-    values: PaddedRows
+    keys: PaddedRows | kernels.CodedRows
+    values: PaddedRows | kernels.CodedRows
     valid: torch.Tensor
     basis: torch.Tensor | None = None
-    slots: list[torch.Tensor] | None = None
 
     def full_keys(self) -> torch.Tensor:
         keys = self.keys.dense()
@@ -391,39 +390,56 @@ class PaddedLayout:
         counts = torch.stack([store.counts.flatten() for store in stores])  # [stores, B * H]
         self.held = counts.sum(0)
         self.width = int(self.held.max()) if self.held.numel() else 0
-        # Rows are sorted by head, so row i of head s in store t sits at s * width + (rows of head s in stores
-        # before t) + (i - rows of heads before s in store t): one shift per (store, head).
-        heads = torch.arange(counts.shape[1], device=counts.device) * self.width
-        self.shifts = heads + (counts.cumsum(0) - counts) - (counts.cumsum(1) - counts)
+        # Per (store, head): its first row in the store and its first slot in the head (rows are sorted by head).
+        self.starts, self.offsets = counts.cumsum(1) - counts, counts.cumsum(0) - counts
 
-    def view(self, dtype: torch.dtype) -> Body:
-        """Every stored row decoded into its slot (low-rank keys stay coefficients); empty slots are zero."""
-        stores, (batch, heads) = self.stores, self.shape
-        device = stores[0].counts.device
-        slots = [
-            torch.arange(store.rows, device=device)
+    @property
+    def geometry(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per store, ``(starts, counts, offsets)`` per (batch, head) segment."""
+        counts = [store.counts.flatten() for store in self.stores]
+        return list(zip(self.starts, counts, self.offsets, strict=True))
+
+    def slots(self) -> list[torch.Tensor]:
+        """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at
+        s * width + offset(s) + (i - start(s))."""
+        heads = torch.arange(self.held.shape[0], device=self.held.device) * self.width
+        return [
+            torch.arange(store.rows, device=shift.device)
             + shift.repeat_interleave(store.counts.flatten(), output_size=store.rows)
-            for store, shift in zip(stores, self.shifts, strict=True)
+            for store, shift in zip(self.stores, heads + self.offsets - self.starts, strict=True)
         ]
+
+    def view(self, dtype: torch.dtype, fused: bool = False) -> Body:
+        """Every stored row decoded into its slot (low-rank keys stay coefficients); empty slots are zero.
+        ``fused``: where `kernels` can read the stores in place, the body's rows are `kernels.CodedRows` (same
+        products, no padded copy)."""
+        (batch, heads), shape = self.shape, (*self.shape, self.width)
+        device = self.held.device
+        held = [(store, geometry) for store, geometry in zip(self.stores, self.geometry, strict=True) if store.rows]
+        keys, values = [store.keys for store, _ in held], [store.values for store, _ in held]
+        valid = (torch.arange(self.width, device=device) < self.held[:, None]).view(shape)
+        basis = held[0][0].basis
+        basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
+        if fused and kernels.enabled() and kernels.fusable(keys + values):
+            geometry = [geometry for _, geometry in held]
+            return Body(
+                kernels.CodedRows(keys, geometry, shape), kernels.CodedRows(values, geometry, shape), valid, basis
+            )
         # Which row of the stores, taken in turn, fills each slot; empty slots take the zero row appended last.
-        total = sum(store.rows for store in stores)
+        total = sum(store.rows for store in self.stores)
         source = torch.full((batch * heads * self.width,), total, dtype=torch.long, device=device)
         first = 0
-        for store, where in zip(stores, slots, strict=True):
+        for store, where in zip(self.stores, self.slots(), strict=True):
             source[where] = torch.arange(first, first + store.rows, device=device)
             first += store.rows
-        held = [store for store in stores if store.rows]
-        shape = (batch, heads, self.width)
-        keys = gather_rows([store.keys for store in held], source, dtype, shape)
-        values = gather_rows([store.values for store in held], source, dtype, shape)
-        basis = held[0].basis
-        return Body(
-            keys,
-            values,
-            (torch.arange(self.width, device=device) < self.held[:, None]).view(batch, heads, self.width),
-            None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype),
-            slots,
-        )
+        return Body(gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape), valid, basis)
+
+    def route(self, scores: torch.Tensor) -> list[torch.Tensor]:
+        """Per store, each row's entry of ``scores[B, H, W]`` (what the body's slots received)."""
+        if kernels.enabled() and scores.device.type == "cpu":
+            return kernels.route(scores, self.geometry, [store.rows for store in self.stores])
+        flat = scores.flatten()
+        return [flat[slots] for slots in self.slots()]
 
 
 def gather_rows(

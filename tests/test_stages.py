@@ -151,9 +151,10 @@ def test_segment_matmul_multiplies_each_row_by_its_segments_matrix():
 
 def stored_view(store: RaggedStore):
     """Each stored row's key and value from the padded view (keys rebuilt from the basis), in row order."""
-    body = PaddedLayout([store]).view(torch.float32)
+    layout = PaddedLayout([store])
+    body = layout.view(torch.float32)
     assert int(body.valid.sum()) == store.rows
-    (slots,) = body.slots
+    (slots,) = layout.slots()
     return body.full_keys().flatten(0, 2)[slots], body.values.dense().flatten(0, 2)[slots], store.segments()
 
 

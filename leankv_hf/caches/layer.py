@@ -61,7 +61,7 @@ class LeanLayer(CompressedLayer):
         self.attended = True
         self.prefilled = False
         self._layout = None  # where stored rows sit in the padded body (`PaddedLayout`), remade at each compaction
-        self._routes = None  # the slots of the last body view's rows, to route its scores back to them
+        self._viewed = False  # whether attention saw the whole body this step (its scores route back to the rows)
 
     # -- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -175,20 +175,20 @@ class LeanLayer(CompressedLayer):
         every decode query (scores keep accumulating); none for a query-aware policy, which evicts nothing."""
         return 0 if self.settings.policy.page_size else min(self.settings.window, query_length)
 
-    def body_view(self, dtype: torch.dtype, query: torch.Tensor | None = None) -> Body | None:
+    def body_view(self, dtype: torch.dtype, query: torch.Tensor | None = None, fused: bool = False) -> Body | None:
         """The stored tokens as a transient padded `Body` (low-rank keys as coefficients), or None when nothing
         is stored yet. Given the decode ``query`` ``[B, Hq, 1, D]``, a query-aware policy narrows the body to the
-        pages it picks. The attention the body receives goes back to its rows through `observe`."""
-        self._routes = None
+        pages it picks. ``fused``: the caller only takes the body's products, so it may read the stores in place
+        (`PaddedLayout.view`). The attention the body receives goes back to its rows through `observe`."""
+        self._viewed = False
         if not any(tier.rows for tier in self.tiers):
             return None
         if self.settings.policy.page_size and query is not None and query.shape[2] == 1:
             paged = self._page_view(query, dtype)
             if paged is not None:
                 return paged  # a query-aware policy takes no scores
-        body = self._layout.view(dtype)
-        self._routes = body.slots
-        return body
+        self._viewed = True
+        return self._layout.view(dtype, fused)
 
     def _page_view(self, query: torch.Tensor, dtype: torch.dtype):
         """The pages the policy picks for ``query``, gathered from the store: a `Body` of width pages x page size,
@@ -218,13 +218,13 @@ class LeanLayer(CompressedLayer):
             self.recent_scores, self.recent_ages = _running_mean(
                 self.recent_scores, self.recent_ages, scores[..., -recent:], n_queries
             )
-            if self._routes is not None:
-                body = scores[..., : self._layout.width].flatten()
-                for tier, slots in zip(self.tiers, self._routes, strict=True):
+            if self._viewed:
+                routed = self._layout.route(scores[..., : self._layout.width])
+                for tier, received in zip(self.tiers, routed, strict=True):
                     if tier.rows:
-                        mean, tier.ages = _running_mean(tier.scores.float(), tier.ages, body[slots], n_queries)
+                        mean, tier.ages = _running_mean(tier.scores.float(), tier.ages, received, n_queries)
                         tier.scores = mean.half()
-        self._routes = None  # the rows the last view showed: they must not outlive this step
+        self._viewed = False
         if not self.prefilled:
             # Left padding: tokens the last prompt query cannot see are padding, never kept.
             self.recent_valid &= visible

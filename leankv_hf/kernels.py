@@ -1,0 +1,194 @@
+"""Fused CPU decode kernels: attention reads int-coded ragged rows where they lie (numba).
+
+The padded view (`store.PaddedLayout.view`) copies every stored row into a ``[B, H, W, D]`` float body at every
+decode step: concatenate the stores, gather the rows, convert the codes, then two matmuls read the floats again.
+On CPU those passes cost more than the arithmetic. These kernels walk each head's rows in the stores themselves
+and apply each row's scale and zero on the fly, so a code is read once and no float body exists. Only the
+logits ``[B, H, Q, W]`` (the softmax needs them) and the outputs are written.
+
+Used for stores on CPU whose rows are int codes with per-token groups, when numba is installed (the ``cpu``
+extra); everything else, and ``LEANKV_FUSED=0``, takes the padded view. Both give the same products up to float
+summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .quant import QuantizedTensor
+from .quant.packing import unpack
+
+try:
+    import numba
+    import numpy as np
+except ImportError:  # the padded view serves instead
+    numba = None
+
+QUERY_BLOCK = 4  # query rows a kernel scores together (one code read feeds four accumulators)
+
+
+def enabled() -> bool:
+    """Whether the fused kernels may run: numba importable and not switched off with ``LEANKV_FUSED=0``."""
+    return numba is not None and os.environ.get("LEANKV_FUSED", "1") != "0"
+
+
+def fusable(parts: list) -> bool:
+    """Whether every part is CPU int codes with per-token groups (what the kernels read)."""
+    return all(
+        isinstance(p, QuantizedTensor) and p.fmt == "int" and p.axis == "token" and p.device.type == "cpu"
+        for p in parts
+    )
+
+
+@functools.cache
+def _kernels(groups: int):
+    """The two kernels for rows of ``groups`` quantization groups. The count is a compile-time constant: with a
+    runtime count LLVM leaves the inner loops scalar (about 4x slower)."""
+    f32 = np.float32
+
+    @numba.njit(fastmath=True, boundscheck=False)
+    def scores(query, query_sums, codes, scale, zero, starts, counts, offsets, out):  # pragma: no cover (jit)
+        """``out[s, r, offsets[s] + j] = query[s, r] . row(starts[s] + j)``, a row being ``codes * scale + zero``
+        per group; ``query_sums[s, r, g]`` is the sum of the query over group ``g`` (what the zeros multiply).
+        Query rows come in blocks of four (padded with zeros): each code read feeds four accumulators."""
+        segments, rows, dim = query.shape
+        size = dim // groups
+        for s in range(segments):
+            q = query[s]
+            for j in range(counts[s]):
+                i = starts[s] + j
+                row = codes[i]
+                slot = offsets[s] + j
+                for r in range(0, rows, 4):
+                    t0 = f32(0)
+                    t1 = f32(0)
+                    t2 = f32(0)
+                    t3 = f32(0)
+                    for g in range(groups):
+                        a0 = f32(0)
+                        a1 = f32(0)
+                        a2 = f32(0)
+                        a3 = f32(0)
+                        for d in range(g * size, g * size + size):
+                            x = f32(row[d])
+                            a0 += q[r, d] * x
+                            a1 += q[r + 1, d] * x
+                            a2 += q[r + 2, d] * x
+                            a3 += q[r + 3, d] * x
+                        sc = scale[i, g]
+                        ze = zero[i, g]
+                        t0 += a0 * sc + ze * query_sums[s, r, g]
+                        t1 += a1 * sc + ze * query_sums[s, r + 1, g]
+                        t2 += a2 * sc + ze * query_sums[s, r + 2, g]
+                        t3 += a3 * sc + ze * query_sums[s, r + 3, g]
+                    out[s, r, slot] = t0
+                    out[s, r + 1, slot] = t1
+                    out[s, r + 2, slot] = t2
+                    out[s, r + 3, slot] = t3
+
+    @numba.njit(fastmath=True, boundscheck=False)
+    def weigh(probs, codes, scale, zero, starts, counts, offsets, out):  # pragma: no cover (jit)
+        """``out[s, r] += sum_j probs[s, r, offsets[s] + j] * row(starts[s] + j)``."""
+        segments, rows, dim = out.shape
+        size = dim // groups
+        for s in range(segments):
+            for j in range(counts[s]):
+                i = starts[s] + j
+                row = codes[i]
+                slot = offsets[s] + j
+                for r in range(rows):
+                    w = probs[s, r, slot]
+                    for g in range(groups):
+                        ws = w * scale[i, g]
+                        wz = w * zero[i, g]
+                        for d in range(g * size, g * size + size):
+                            out[s, r, d] += ws * f32(row[d]) + wz
+
+    return scores, weigh
+
+
+if numba is not None:
+
+    @numba.njit(boundscheck=False, cache=True)
+    def _route(scores, starts, counts, offsets, out):  # pragma: no cover (jit)
+        """``out[starts[s] + j] = scores[s, offsets[s] + j]``: a body's slots back to one store's rows."""
+        for s in range(counts.shape[0]):
+            for j in range(counts[s]):
+                out[starts[s] + j] = scores[s, offsets[s] + j]
+
+
+def route(scores: torch.Tensor, geometry: list[tuple], rows: list[int]) -> list[torch.Tensor]:
+    """Per store, its rows' entries of ``scores[B, H, W]``; ``geometry`` and ``rows`` per store."""
+    flat = scores.float().flatten(0, 1).contiguous().numpy()
+    routed = []
+    for (starts, counts, offsets), n in zip(geometry, rows, strict=True):
+        out = torch.empty(n)
+        if n:
+            _route(flat, starts.numpy(), counts.numpy(), offsets.numpy(), out.numpy())
+        routed.append(out)
+    return routed
+
+
+@dataclass
+class _Part:
+    """One store's side as the kernels read it: codes ``[N, D]`` uint8, scale/zero ``[N, groups]`` float32, and
+    per (batch, head) segment its first row, row count and first slot in the padded body."""
+
+    codes: object
+    scale: object
+    zero: object
+    starts: object
+    counts: object
+    offsets: object
+
+
+class CodedRows:
+    """The rows of some stores' keys or values, read in place: the products of `store.PaddedRows` (``scores``,
+    ``weigh``) without a padded copy. ``geometry`` holds, per store, ``(starts, counts, offsets)`` per segment."""
+
+    def __init__(self, parts: list[QuantizedTensor], geometry: list[tuple], shape: tuple[int, int, int]):
+        self.shape = shape  # (batch, heads, width)
+        self.dim = parts[0].last_dim
+        self.parts = [
+            _Part(
+                unpack(p.payload, p.bits).numpy(),
+                p.scale.float().numpy(),
+                p.zero.float().numpy(),
+                *(t.numpy() for t in geometry_of),
+            )
+            for p, geometry_of in zip(parts, geometry, strict=True)
+        ]
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]`` (zero in empty slots)."""
+        batch, heads, width = self.shape
+        rows = query.shape[2]
+        padded = -(-rows // QUERY_BLOCK) * QUERY_BLOCK
+        flat = query.float().reshape(batch * heads, rows, self.dim)
+        block = flat.new_zeros(batch * heads, padded, self.dim)
+        block[:, :rows] = flat
+        out = torch.zeros(batch * heads, padded, width)
+        block_np, out_np = block.numpy(), out.numpy()
+        for part in self.parts:
+            groups = part.scale.shape[1]
+            sums = block.view(batch * heads, padded, groups, -1).sum(-1).numpy()
+            _kernels(groups)[0](
+                block_np, sums, part.codes, part.scale, part.zero, part.starts, part.counts, part.offsets, out_np
+            )
+        return out[:, :rows].view(batch, heads, rows, width).to(query.dtype)
+
+    def weigh(self, probs: torch.Tensor) -> torch.Tensor:
+        """``probs[B, H, Q, W] @ rows`` -> ``[B, H, Q, D]``."""
+        batch, heads, rows, width = probs.shape
+        flat = probs.float().reshape(batch * heads, rows, width).contiguous()
+        out = torch.zeros(batch * heads, rows, self.dim)
+        flat_np, out_np = flat.numpy(), out.numpy()
+        for part in self.parts:
+            _kernels(part.scale.shape[1])[1](
+                flat_np, part.codes, part.scale, part.zero, part.starts, part.counts, part.offsets, out_np
+            )
+        return out.view(batch, heads, rows, self.dim).to(probs.dtype)

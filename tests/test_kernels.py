@@ -1,0 +1,100 @@
+"""The fused CPU kernels against the padded view they replace: same products, same routed scores, same generation."""
+
+import pytest
+import torch
+from helpers import TINY_PROMPT, lively
+
+from leankv_hf import UnifiedLeanCache, kernels
+from leankv_hf.store import PaddedLayout, PaddedRows, Precision, RaggedStore
+
+pytest.importorskip("numba")
+
+DIM = 32
+
+
+def ragged_stores(precisions, batch=2, heads=3, seed=0) -> list[RaggedStore]:
+    """Stores holding a random, different number of rows per (batch, head), some heads none."""
+    torch.manual_seed(seed)
+    stores = []
+    for key, value in precisions:
+        store = RaggedStore(key, value)
+        store.init(batch, heads, torch.device("cpu"))
+        counts = torch.randint(0, 9, (batch * heads,))
+        counts[seed % (batch * heads)] = 0
+        segments = torch.repeat_interleave(torch.arange(batch * heads), counts)
+        n = segments.numel()
+        store.add(
+            torch.randn(n, DIM) * 2, torch.randn(n, DIM), segments, torch.arange(n), torch.rand(n), torch.zeros(n)
+        )
+        stores.append(store)
+    return stores
+
+
+MIXES = {
+    "k8v4, k4v2": [(Precision(8, DIM), Precision(4, DIM)), (Precision(4, DIM), Precision(2, DIM))],
+    "two groups per row": [(Precision(8, 16), Precision(8, 8)), (Precision(2, 16), Precision(4, 16))],
+    "one store": [(Precision(4, DIM), Precision(8, DIM))],
+}
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("rows", [1, 3, 5, 8])
+def test_fused_products_match_the_padded_view(mix, rows):
+    layout = PaddedLayout(ragged_stores(MIXES[mix]))
+    fused, padded = layout.view(torch.float32, fused=True), layout.view(torch.float32)
+    assert isinstance(fused.keys, kernels.CodedRows) and isinstance(padded.keys, PaddedRows)
+    assert torch.equal(fused.valid, padded.valid)
+    batch, heads, width = fused.valid.shape
+    query, probs = torch.randn(batch, heads, rows, DIM), torch.rand(batch, heads, rows, width)
+    torch.testing.assert_close(fused.keys.scores(query), padded.keys.scores(query), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
+
+
+def test_routed_scores_match_the_slots(monkeypatch):
+    layout = PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"], seed=1))
+    scores = torch.rand(*layout.shape, layout.width)
+    fused = layout.route(scores)
+    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    for got, expected in zip(fused, layout.route(scores), strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [Precision(16), Precision(8, DIM, fmt="fp8")],
+    ids=["16-bit rows", "fp8 rows"],
+)
+def test_rows_the_kernels_cannot_read_take_the_padded_view(precision):
+    layout = PaddedLayout(ragged_stores([(Precision(8, DIM), Precision(4, DIM)), (precision, precision)]))
+    assert isinstance(layout.view(torch.float32, fused=True).keys, PaddedRows)
+
+
+def test_switching_the_kernels_off_gives_the_padded_view(monkeypatch):
+    layout = PaddedLayout(ragged_stores(MIXES["one store"]))
+    monkeypatch.setenv("LEANKV_FUSED", "0")
+    assert not kernels.enabled()
+    assert isinstance(layout.view(torch.float32, fused=True).keys, PaddedRows)
+
+
+@pytest.mark.parametrize("preset", ["leankv", "leankv-m"])
+def test_generation_through_the_kernels_matches_the_padded_view(tiny_tok, monkeypatch, preset):
+    """Teacher-forced: the same tokens through both paths put the same tokens in the same tiers and give logits
+    equal up to float summation order (which compounds over 13 steps, hence 1e-3)."""
+    model = lively("llama")
+    ids = tiny_tok([TINY_PROMPT, "short one"], return_tensors="pt", padding=True)
+    steps = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(fused: str) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setenv("LEANKV_FUSED", fused)
+        cache = UnifiedLeanCache(model, preset=preset, group_size=16, buffer=8, window=8, interval=4)
+        mask = ids.attention_mask
+        with torch.no_grad():
+            out = [model(**ids, past_key_values=cache).logits[:, -1]]
+            for step in steps.T:
+                mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+                out.append(model(input_ids=step[:, None], attention_mask=mask, past_key_values=cache).logits[:, -1])
+        return torch.stack(out), cache.tier_counts()
+
+    (fused, fused_tiers), (padded, padded_tiers) = run("1"), run("0")
+    assert torch.equal(fused_tiers, padded_tiers)
+    torch.testing.assert_close(fused, padded, rtol=1e-3, atol=1e-3)
