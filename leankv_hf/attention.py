@@ -80,11 +80,10 @@ def leankv_attention(
     valid = None if body is None else body.valid
     if window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores
         logits = torch.matmul(packed_q, key.transpose(-1, -2))
-        if body is not None:  # low-rank keys are scored in their reduced space: (q @ basis) @ coefficients^T
-            reduced = packed_q if body.basis is None else torch.matmul(packed_q, body.basis)
-            logits = torch.cat([body.keys.scores(reduced), logits], -1)
-        mask = _visible(recent_mask, valid, slice(None), heads, groups)
-        probs = torch.softmax(logits.float().mul_(scale).masked_fill_(~mask, float("-inf")), dim=-1)
+        logits.masked_fill_(~_visible(recent_mask, None, slice(None), heads, groups), -torch.inf)
+        if body is not None:
+            logits = torch.cat([body.logits(packed_q), logits], -1)
+        probs = torch.softmax(logits.float().mul_(scale), dim=-1)
         probs_v = probs.to(value.dtype)
         out = torch.matmul(probs_v[..., -key.shape[2] :], value)
         if body is not None:

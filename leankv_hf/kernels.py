@@ -37,11 +37,33 @@ def enabled() -> bool:
 
 
 def fusable(parts: list) -> bool:
-    """Whether every part is CPU int codes with per-token groups (what the kernels read)."""
+    """Whether every part is CPU int codes with per-token groups and 16-bit scales (what the kernels read)."""
     return all(
-        isinstance(p, QuantizedTensor) and p.fmt == "int" and p.axis == "token" and p.device.type == "cpu"
+        isinstance(p, QuantizedTensor)
+        and p.fmt == "int"
+        and p.axis == "token"
+        and p.device.type == "cpu"
+        and p.scale.dtype in _SIXTEEN_BIT
         for p in parts
     )
+
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _to_float32(dtype: torch.dtype):
+    """Every 16-bit pattern of ``dtype`` as float32: the kernels read 16-bit scales and zeros through it (numba has
+    no 16-bit floats), so they are never converted in a separate pass."""
+    bits = np.arange(2**16, dtype=np.uint32)
+    if dtype == torch.bfloat16:
+        return (bits << 16).view(np.float32)
+    return bits.astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _bits(t: torch.Tensor):
+    """A 16-bit float tensor's bit patterns as a uint16 array (no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
 
 
 @functools.cache
@@ -51,10 +73,11 @@ def _kernels(groups: int):
     f32 = np.float32
 
     @numba.njit(fastmath=True, boundscheck=False)
-    def scores(query, query_sums, codes, scale, zero, starts, counts, offsets, out):  # pragma: no cover (jit)
+    def scores(query, query_sums, codes, scale, zero, lut, starts, counts, offsets, out):  # pragma: no cover (jit)
         """``out[s, r, offsets[s] + j] = query[s, r] . row(starts[s] + j)``, a row being ``codes * scale + zero``
-        per group; ``query_sums[s, r, g]`` is the sum of the query over group ``g`` (what the zeros multiply).
-        Query rows come in blocks of four (padded with zeros): each code read feeds four accumulators."""
+        per group (``lut`` turns the 16-bit scale and zero into float32); ``query_sums[s, r, g]`` is the sum of
+        the query over group ``g`` (what the zeros multiply). Query rows come in blocks of four (padded with
+        zeros): each code read feeds four accumulators."""
         segments, rows, dim = query.shape
         size = dim // groups
         for s in range(segments):
@@ -79,8 +102,8 @@ def _kernels(groups: int):
                             a1 += q[r + 1, d] * x
                             a2 += q[r + 2, d] * x
                             a3 += q[r + 3, d] * x
-                        sc = scale[i, g]
-                        ze = zero[i, g]
+                        sc = lut[scale[i, g]]
+                        ze = lut[zero[i, g]]
                         t0 += a0 * sc + ze * query_sums[s, r, g]
                         t1 += a1 * sc + ze * query_sums[s, r + 1, g]
                         t2 += a2 * sc + ze * query_sums[s, r + 2, g]
@@ -91,7 +114,7 @@ def _kernels(groups: int):
                     out[s, r + 3, slot] = t3
 
     @numba.njit(fastmath=True, boundscheck=False)
-    def weigh(probs, codes, scale, zero, starts, counts, offsets, out):  # pragma: no cover (jit)
+    def weigh(probs, codes, scale, zero, lut, starts, counts, offsets, out):  # pragma: no cover (jit)
         """``out[s, r] += sum_j probs[s, r, offsets[s] + j] * row(starts[s] + j)``."""
         segments, rows, dim = out.shape
         size = dim // groups
@@ -103,8 +126,8 @@ def _kernels(groups: int):
                 for r in range(rows):
                     w = probs[s, r, slot]
                     for g in range(groups):
-                        ws = w * scale[i, g]
-                        wz = w * zero[i, g]
+                        ws = w * lut[scale[i, g]]
+                        wz = w * lut[zero[i, g]]
                         for d in range(g * size, g * size + size):
                             out[s, r, d] += ws * f32(row[d]) + wz
 
@@ -121,26 +144,27 @@ if numba is not None:
                 out[starts[s] + j] = scores[s, offsets[s] + j]
 
 
-def route(scores: torch.Tensor, geometry: list[tuple], rows: list[int]) -> list[torch.Tensor]:
-    """Per store, its rows' entries of ``scores[B, H, W]``; ``geometry`` and ``rows`` per store."""
+def route(scores: torch.Tensor, segments: list[tuple], rows: list[int]) -> list[torch.Tensor]:
+    """Per store, its rows' entries of ``scores[B, H, W]``; per store its ``segments`` (`PaddedLayout`) and rows."""
     flat = scores.float().flatten(0, 1).contiguous().numpy()
     routed = []
-    for (starts, counts, offsets), n in zip(geometry, rows, strict=True):
+    for (starts, counts, offsets), n in zip(segments, rows, strict=True):
         out = torch.empty(n)
         if n:
-            _route(flat, starts.numpy(), counts.numpy(), offsets.numpy(), out.numpy())
+            _route(flat, starts, counts, offsets, out.numpy())
         routed.append(out)
     return routed
 
 
 @dataclass
 class _Part:
-    """One store's side as the kernels read it: codes ``[N, D]`` uint8, scale/zero ``[N, groups]`` float32, and
-    per (batch, head) segment its first row, row count and first slot in the padded body."""
+    """One store's side as the kernels read it: codes ``[N, D]`` uint8, 16-bit scale/zero ``[N, groups]`` bits
+    with the table that reads them, and per (batch, head) segment its first row, row count and first slot."""
 
     codes: object
     scale: object
     zero: object
+    lut: object
     starts: object
     counts: object
     offsets: object
@@ -148,19 +172,15 @@ class _Part:
 
 class CodedRows:
     """The rows of some stores' keys or values, read in place: the products of `store.PaddedRows` (``scores``,
-    ``weigh``) without a padded copy. ``geometry`` holds, per store, ``(starts, counts, offsets)`` per segment."""
+    ``weigh``) without a padded copy. ``segments`` holds, per store, ``(starts, counts, offsets)`` per (batch,
+    head) as int64 arrays (`PaddedLayout.segments`)."""
 
-    def __init__(self, parts: list[QuantizedTensor], geometry: list[tuple], shape: tuple[int, int, int]):
+    def __init__(self, parts: list[QuantizedTensor], segments: list[tuple], shape: tuple[int, int, int]):
         self.shape = shape  # (batch, heads, width)
         self.dim = parts[0].last_dim
         self.parts = [
-            _Part(
-                unpack(p.payload, p.bits).numpy(),
-                p.scale.float().numpy(),
-                p.zero.float().numpy(),
-                *(t.numpy() for t in geometry_of),
-            )
-            for p, geometry_of in zip(parts, geometry, strict=True)
+            _Part(unpack(p.payload, p.bits).numpy(), _bits(p.scale), _bits(p.zero), _to_float32(p.scale.dtype), *seg)
+            for p, seg in zip(parts, segments, strict=True)
         ]
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
@@ -168,16 +188,25 @@ class CodedRows:
         batch, heads, width = self.shape
         rows = query.shape[2]
         padded = -(-rows // QUERY_BLOCK) * QUERY_BLOCK
-        flat = query.float().reshape(batch * heads, rows, self.dim)
-        block = flat.new_zeros(batch * heads, padded, self.dim)
-        block[:, :rows] = flat
+        block = query.new_zeros(batch * heads, padded, self.dim, dtype=torch.float32)
+        block[:, :rows] = query.reshape(batch * heads, rows, self.dim)
         out = torch.zeros(batch * heads, padded, width)
         block_np, out_np = block.numpy(), out.numpy()
         for part in self.parts:
             groups = part.scale.shape[1]
             sums = block.view(batch * heads, padded, groups, -1).sum(-1).numpy()
-            _kernels(groups)[0](
-                block_np, sums, part.codes, part.scale, part.zero, part.starts, part.counts, part.offsets, out_np
+            scores = _kernels(groups)[0]
+            scores(
+                block_np,
+                sums,
+                part.codes,
+                part.scale,
+                part.zero,
+                part.lut,
+                part.starts,
+                part.counts,
+                part.offsets,
+                out_np,
             )
         return out[:, :rows].view(batch, heads, rows, width).to(query.dtype)
 
@@ -188,7 +217,6 @@ class CodedRows:
         out = torch.zeros(batch * heads, rows, self.dim)
         flat_np, out_np = flat.numpy(), out.numpy()
         for part in self.parts:
-            _kernels(part.scale.shape[1])[1](
-                flat_np, part.codes, part.scale, part.zero, part.starts, part.counts, part.offsets, out_np
-            )
+            weigh = _kernels(part.scale.shape[1])[1]
+            weigh(flat_np, part.codes, part.scale, part.zero, part.lut, part.starts, part.counts, part.offsets, out_np)
         return out.view(batch, heads, rows, self.dim).to(probs.dtype)

@@ -248,10 +248,8 @@ class RaggedStore:
         it), not as keys."""
         if segments.numel() == 0:
             return
-        if self.key.rank and not projected:
-            if self.basis is None:
-                raise RuntimeError("low-rank keys need a basis: set store.basis (e.g. from fit_basis) before add()")
-            k = segment_matmul(k, segments, self.basis)
+        if not projected:
+            k = self.project(k, segments)
         new = {
             "keys": self.key.encode(k),
             "values": self.value.encode(v),
@@ -275,6 +273,14 @@ class RaggedStore:
         for name, value in new.items():
             setattr(self, name, select(cat([getattr(self, name), value], 0) if rows else value, 0, order))
         self.counts += incoming.view_as(self.counts)
+
+    def project(self, k: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """Keys ``k[N, D]`` as this store holds them: coefficients on their segment's basis when low rank."""
+        if not self.key.rank:
+            return k
+        if self.basis is None:
+            raise RuntimeError("low-rank keys need a basis: set store.basis (e.g. from fit_basis) before add()")
+        return segment_matmul(k, segments, self.basis) if segments.numel() else k.new_empty(0, self.key.rank)
 
     def keep(self, mask: torch.Tensor) -> None:
         """Drop the rows where ``mask`` is False: their memory is released."""
@@ -361,6 +367,12 @@ class Body:
     valid: torch.Tensor
     basis: torch.Tensor | None = None
 
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``query[B, H, Q, D] @ keys^T`` -> ``[B, H, Q, W]``, -inf in empty slots; low-rank keys are scored in
+        their reduced space."""
+        reduced = query if self.basis is None else query @ self.basis
+        return self.keys.scores(reduced).masked_fill_(~self.valid[:, :, None], -torch.inf)
+
     def full_keys(self) -> torch.Tensor:
         keys = self.keys.dense()
         return keys if self.basis is None else keys @ self.basis.mT
@@ -392,6 +404,9 @@ class PaddedLayout:
         self.width = int(self.held.max()) if self.held.numel() else 0
         # Per (store, head): its first row in the store and its first slot in the head (rows are sorted by head).
         self.starts, self.offsets = counts.cumsum(1) - counts, counts.cumsum(0) - counts
+        # The same as arrays for the CPU kernels (views of these tensors, no copy).
+        cpu = counts.device.type == "cpu"
+        self.segments = [tuple(t.numpy() for t in seg) for seg in self.geometry] if cpu else None
 
     @property
     def geometry(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -415,16 +430,15 @@ class PaddedLayout:
         products, no padded copy)."""
         (batch, heads), shape = self.shape, (*self.shape, self.width)
         device = self.held.device
-        held = [(store, geometry) for store, geometry in zip(self.stores, self.geometry, strict=True) if store.rows]
-        keys, values = [store.keys for store, _ in held], [store.values for store, _ in held]
+        held = [i for i, store in enumerate(self.stores) if store.rows]
+        keys, values = [self.stores[i].keys for i in held], [self.stores[i].values for i in held]
         valid = (torch.arange(self.width, device=device) < self.held[:, None]).view(shape)
-        basis = held[0][0].basis
+        basis = self.stores[held[0]].basis
         basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
-        if fused and kernels.enabled() and kernels.fusable(keys + values):
-            geometry = [geometry for _, geometry in held]
-            return Body(
-                kernels.CodedRows(keys, geometry, shape), kernels.CodedRows(values, geometry, shape), valid, basis
-            )
+        if fused and self.segments is not None and kernels.enabled() and kernels.fusable(keys + values):
+            segments = [self.segments[i] for i in held]
+            keys, values = kernels.CodedRows(keys, segments, shape), kernels.CodedRows(values, segments, shape)
+            return Body(keys, values, valid, basis)
         # Which row of the stores, taken in turn, fills each slot; empty slots take the zero row appended last.
         total = sum(store.rows for store in self.stores)
         source = torch.full((batch * heads * self.width,), total, dtype=torch.long, device=device)
@@ -436,8 +450,8 @@ class PaddedLayout:
 
     def route(self, scores: torch.Tensor) -> list[torch.Tensor]:
         """Per store, each row's entry of ``scores[B, H, W]`` (what the body's slots received)."""
-        if kernels.enabled() and scores.device.type == "cpu":
-            return kernels.route(scores, self.geometry, [store.rows for store in self.stores])
+        if self.segments is not None and kernels.enabled():
+            return kernels.route(scores, self.segments, [store.rows for store in self.stores])
         flat = scores.flatten()
         return [flat[slots] for slots in self.slots()]
 

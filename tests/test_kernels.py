@@ -61,8 +61,8 @@ def test_routed_scores_match_the_slots(monkeypatch):
 
 @pytest.mark.parametrize(
     "precision",
-    [Precision(16), Precision(8, DIM, fmt="fp8")],
-    ids=["16-bit rows", "fp8 rows"],
+    [Precision(16), Precision(8, DIM, fmt="fp8"), Precision(4, DIM, scale_dtype=torch.float32)],
+    ids=["16-bit rows", "fp8 rows", "float32 scales"],
 )
 def test_rows_the_kernels_cannot_read_take_the_padded_view(precision):
     layout = PaddedLayout(ragged_stores([(Precision(8, DIM), Precision(4, DIM)), (precision, precision)]))

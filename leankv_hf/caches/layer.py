@@ -299,17 +299,18 @@ class LeanLayer(CompressedLayer):
             self.tiers[t].keep(goal[~down] != PRUNED)
         exit_goal = target[rows, exit_slot].view(batch, heads, n_exit)
         for t, tier in enumerate(self.tiers):
-            for part in moved[t]:
-                tier.add(**part, projected=True)  # the tiers share one basis
             b, h, i = (exit_goal == t).nonzero(as_tuple=True)
-            tier.add(
-                self.keys[b, h, i],
-                self.values[b, h, i],
-                b * heads + h,
-                exit_pos[b, h, i],
-                self.recent_scores[b, h, i],
-                self.recent_ages[b, h, i],
-            )
+            exits = {
+                "k": tier.project(self.keys[b, h, i], b * heads + h),
+                "v": self.values[b, h, i],
+                "segments": b * heads + h,
+                "positions": exit_pos[b, h, i],
+                "scores": self.recent_scores[b, h, i],
+                "ages": self.recent_ages[b, h, i],
+            }
+            # One add per tier (rows moving down and rows leaving the window together): one encode, one merge.
+            parts = [*moved[t], exits]  # moved rows' keys are already coefficients: the tiers share one basis
+            tier.add(**{name: torch.cat([part[name] for part in parts]) for name in exits}, projected=True)
             if s.policy.page_size:
                 self._add_to_pages(self.keys[b, h, i], b * heads + h, exit_pos[b, h, i] - self.padding[b])
         self._layout = PaddedLayout(self.tiers)  # made once per compaction, used by every step until the next
