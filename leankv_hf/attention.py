@@ -80,7 +80,8 @@ def leankv_attention(
     valid = None if body is None else body.valid
     if window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores
         logits = torch.matmul(packed_q, key.transpose(-1, -2))
-        logits.masked_fill_(~_visible(recent_mask, None, slice(None), heads, groups), -torch.inf)
+        if attention_mask is not None or q_len > 1:  # else one query, no padding: it sees the whole window
+            logits.masked_fill_(~_visible(recent_mask, None, slice(None), heads, groups), -torch.inf)
         if body is not None:
             logits = torch.cat([body.logits(packed_q), logits], -1)
         probs = torch.softmax(logits.float().mul_(scale), dim=-1)

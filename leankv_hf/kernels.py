@@ -137,23 +137,26 @@ def _kernels(groups: int):
 if numba is not None:
 
     @numba.njit(boundscheck=False, cache=True)
-    def _route(scores, starts, counts, offsets, out):  # pragma: no cover (jit)
-        """``out[starts[s] + j] = scores[s, offsets[s] + j]``: a body's slots back to one store's rows."""
+    def _fold(scores, starts, counts, offsets, n, mean, lut, ages, out):  # pragma: no cover (jit)
+        """Row ``i = starts[s] + j`` received ``scores[s, offsets[s] + j]`` over ``n`` queries: its new running
+        mean goes to ``out[i]`` (the old one read from fp16 bits through ``lut``), its age saturates at 255.
+        The arithmetic is `store.running_mean`'s, in the same order (no fastmath)."""
         for s in range(counts.shape[0]):
             for j in range(counts[s]):
-                out[starts[s] + j] = scores[s, offsets[s] + j]
+                i = starts[s] + j
+                weight = np.float32(ages[i])
+                total = weight + np.float32(n)
+                out[i] = (lut[mean[i]] * weight + scores[s, offsets[s] + j]) / total
+                ages[i] = min(total, 255.0)
 
 
-def route(scores: torch.Tensor, segments: list[tuple], rows: list[int]) -> list[torch.Tensor]:
-    """Per store, its rows' entries of ``scores[B, H, W]``; per store its ``segments`` (`PaddedLayout`) and rows."""
+def fold(scores: torch.Tensor, segments: tuple, n: int, mean: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+    """`store.running_mean` for one store's rows, reading ``scores[B, H, W]`` at their slots (``segments``, per
+    `PaddedLayout.segments`): returns the new float32 means and updates ``ages`` (uint8) in place."""
+    out = torch.empty(mean.shape[0])
     flat = scores.float().flatten(0, 1).contiguous().numpy()
-    routed = []
-    for (starts, counts, offsets), n in zip(segments, rows, strict=True):
-        out = torch.empty(n)
-        if n:
-            _route(flat, starts, counts, offsets, out.numpy())
-        routed.append(out)
-    return routed
+    _fold(flat, *segments, n, _bits(mean), _to_float32(torch.float16), ages.numpy(), out.numpy())
+    return out
 
 
 @dataclass

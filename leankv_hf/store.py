@@ -20,6 +20,7 @@ from .quant import QuantizedTensor, quantize
 from .quant.packing import unpack
 
 BITS = (16, 8, 4, 2)
+MAX_AGE = 255  # observations a row's running mean counts; uint8
 AXES = ("token", "channel")
 FORMATS = ("int", "fp8")
 
@@ -448,12 +449,29 @@ class PaddedLayout:
             first += store.rows
         return Body(gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape), valid, basis)
 
-    def route(self, scores: torch.Tensor) -> list[torch.Tensor]:
-        """Per store, each row's entry of ``scores[B, H, W]`` (what the body's slots received)."""
+    def fold(self, scores: torch.Tensor, n: int) -> None:
+        """Fold ``n`` observations summing to ``scores[B, H, W]`` (what the body's slots received) into each row's
+        running mean and age (`running_mean`)."""
         if self.segments is not None and kernels.enabled():
-            return kernels.route(scores, self.segments, [store.rows for store in self.stores])
+            for store, segments in zip(self.stores, self.segments, strict=True):
+                if store.rows:
+                    store.scores = kernels.fold(scores, segments, n, store.scores, store.ages).half()
+            return
         flat = scores.flatten()
-        return [flat[slots] for slots in self.slots()]
+        for store, slots in zip(self.stores, self.slots(), strict=True):
+            if store.rows:
+                mean, store.ages = running_mean(store.scores.float(), store.ages, flat[slots], n)
+                store.scores = mean.half()
+
+
+def running_mean(mean: torch.Tensor, ages: torch.Tensor, total: torch.Tensor, n: int):
+    """Fold ``n`` new observations summing to ``total`` into a running mean; ages saturate at `MAX_AGE` (from then
+    on the mean decays: old observations weigh 255 against the new ones)."""
+    if n == 0:
+        return mean, ages
+    weight = ages.float()
+    mean = (mean * weight + total) / (weight + n)
+    return mean, (weight + n).clamp_max(MAX_AGE).to(torch.uint8)
 
 
 def gather_rows(

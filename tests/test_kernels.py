@@ -1,4 +1,4 @@
-"""The fused CPU kernels against the padded view they replace: same products, same routed scores, same generation."""
+"""The fused CPU kernels against the torch code they replace: same products, same running means, same generation."""
 
 import pytest
 import torch
@@ -50,13 +50,20 @@ def test_fused_products_match_the_padded_view(mix, rows):
     torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
 
 
-def test_routed_scores_match_the_slots(monkeypatch):
-    layout = PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"], seed=1))
-    scores = torch.rand(*layout.shape, layout.width)
-    fused = layout.route(scores)
+@pytest.mark.parametrize("n", [1, 4])
+def test_folded_scores_match_the_running_mean(monkeypatch, n):
+    """Each row's running mean and age, from the scores its slot received: bit for bit the torch arithmetic."""
+    stores = {fused: ragged_stores(MIXES["k8v4, k4v2"], seed=1) for fused in (True, False)}
+    for store in stores[True] + stores[False]:
+        store.ages = torch.randint(0, 256, (store.rows,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        store.ages[::3] = 255  # saturated: the mean decays
+    layouts = {fused: PaddedLayout(stores[fused]) for fused in stores}
+    scores = torch.rand(*layouts[True].shape, layouts[True].width) * n
+    layouts[True].fold(scores, n)
     monkeypatch.setattr(kernels, "enabled", lambda: False)
-    for got, expected in zip(fused, layout.route(scores), strict=True):
-        assert torch.equal(got, expected)
+    layouts[False].fold(scores, n)
+    for fused, reference in zip(stores[True], stores[False], strict=True):
+        assert torch.equal(fused.scores, reference.scores) and torch.equal(fused.ages, reference.ages)
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 
 from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import PRUNED, Candidates, Policy
-from ..store import Body, PaddedLayout, PaddedRows, Precision, RaggedStore, decode, select
+from ..store import Body, PaddedLayout, PaddedRows, Precision, RaggedStore, decode, running_mean, select
 from .base import CompressedLayer, sixteen_bit
-
-MAX_AGE = 255
 
 
 @dataclass(frozen=True)
@@ -215,15 +213,11 @@ class LeanLayer(CompressedLayer):
         """Take the attention ``scores[B, H, body + recent]`` summed over ``n_queries`` queries; compact when due."""
         if scores is not None:
             recent = self.keys.shape[-2]
-            self.recent_scores, self.recent_ages = _running_mean(
+            self.recent_scores, self.recent_ages = running_mean(
                 self.recent_scores, self.recent_ages, scores[..., -recent:], n_queries
             )
             if self._viewed:
-                routed = self._layout.route(scores[..., : self._layout.width])
-                for tier, received in zip(self.tiers, routed, strict=True):
-                    if tier.rows:
-                        mean, tier.ages = _running_mean(tier.scores.float(), tier.ages, received, n_queries)
-                        tier.scores = mean.half()
+                self._layout.fold(scores[..., : self._layout.width], n_queries)
         self._viewed = False
         if not self.prefilled:
             # Left padding: tokens the last prompt query cannot see are padding, never kept.
@@ -367,12 +361,3 @@ class LeanLayer(CompressedLayer):
         pruned = (self.seen - self.padding)[:, None] - held.sum(-1) - self.recent_valid.sum(-1)[:, None]
         held[..., 0] += self.recent_valid.sum(-1)[:, None]  # the exact window counts as high precision
         return torch.cat([held, pruned[..., None]], -1)
-
-
-def _running_mean(mean: torch.Tensor, ages: torch.Tensor, total: torch.Tensor, n: int):
-    """Fold ``n`` new observations summing to ``total`` into a running mean; ages saturate (then it decays)."""
-    if n == 0:
-        return mean, ages
-    weight = ages.float()
-    mean = (mean * weight + total) / (weight + n)
-    return mean, (weight + n).clamp_max(MAX_AGE).to(torch.uint8)

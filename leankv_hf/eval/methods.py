@@ -51,6 +51,7 @@ _UNIFIED_FLAGS = {
     "pr": ("prune_ratio", float),
     "rank": ("rank", _budget),
     "buf": ("buffer", int),
+    "iv": ("interval", int),
     **{name: ("policy", lambda _, name=name: name) for name in ("snapkv", "adakv", "pyramid", "chunkkv", "streaming")},
 }
 
@@ -84,9 +85,10 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
             **({"preset": m[5]} if m[5] else {"high": (int(m[1]), int(m[2])), "low": (int(m[3]), int(m[4]))}),
             **_flags(m[6], _UNIFIED_FLAGS),
         },
-        "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG][,prP][,rankR][,bufB][,POLICY]  (UnifiedLeanCache: "
-        "a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; group size; prune ratio; key rank; "
-        "exact buffer; a sparse policy instead of the thresholds, e.g. adakv)",
+        "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG][,prP][,rankR][,bufB][,ivI][,POLICY]  "
+        "(UnifiedLeanCache: a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; group size; prune "
+        "ratio; key rank; exact buffer; decode steps between compactions; a sparse policy instead of the "
+        "thresholds, e.g. adakv)",
     ),
 }
 
