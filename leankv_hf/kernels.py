@@ -73,15 +73,18 @@ def _kernels(groups: int):
     f32 = np.float32
 
     @numba.njit(fastmath=True, boundscheck=False)
-    def scores(query, query_sums, codes, scale, zero, lut, starts, counts, offsets, out):  # pragma: no cover (jit)
+    def scores(query, codes, scale, zero, lut, starts, counts, offsets, out):  # pragma: no cover (jit)
         """``out[s, r, offsets[s] + j] = query[s, r] . row(starts[s] + j)``, a row being ``codes * scale + zero``
-        per group (``lut`` turns the 16-bit scale and zero into float32); ``query_sums[s, r, g]`` is the sum of
-        the query over group ``g`` (what the zeros multiply). Query rows come in blocks of four (padded with
-        zeros): each code read feeds four accumulators."""
+        per group (``lut`` turns the 16-bit scale and zero into float32). Query rows come in blocks of four
+        (padded with zeros): each code read feeds four accumulators."""
         segments, rows, dim = query.shape
         size = dim // groups
+        sums = np.zeros((rows, groups), np.float32)  # per query row and group: what the zeros multiply
         for s in range(segments):
             q = query[s]
+            for r in range(rows):
+                for g in range(groups):
+                    sums[r, g] = q[r, g * size : g * size + size].sum()
             for j in range(counts[s]):
                 i = starts[s] + j
                 row = codes[i]
@@ -104,10 +107,10 @@ def _kernels(groups: int):
                             a3 += q[r + 3, d] * x
                         sc = lut[scale[i, g]]
                         ze = lut[zero[i, g]]
-                        t0 += a0 * sc + ze * query_sums[s, r, g]
-                        t1 += a1 * sc + ze * query_sums[s, r + 1, g]
-                        t2 += a2 * sc + ze * query_sums[s, r + 2, g]
-                        t3 += a3 * sc + ze * query_sums[s, r + 3, g]
+                        t0 += a0 * sc + ze * sums[r, g]
+                        t1 += a1 * sc + ze * sums[r + 1, g]
+                        t2 += a2 * sc + ze * sums[r + 2, g]
+                        t3 += a3 * sc + ze * sums[r + 3, g]
                     out[s, r, slot] = t0
                     out[s, r + 1, slot] = t1
                     out[s, r + 2, slot] = t2
@@ -187,30 +190,17 @@ class CodedRows:
         ]
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
-        """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]`` (zero in empty slots)."""
+        """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]``, -inf in empty slots (so attention needs no mask)."""
         batch, heads, width = self.shape
         rows = query.shape[2]
         padded = -(-rows // QUERY_BLOCK) * QUERY_BLOCK
         block = query.new_zeros(batch * heads, padded, self.dim, dtype=torch.float32)
         block[:, :rows] = query.reshape(batch * heads, rows, self.dim)
-        out = torch.zeros(batch * heads, padded, width)
+        out = torch.full((batch * heads, padded, width), -torch.inf)
         block_np, out_np = block.numpy(), out.numpy()
-        for part in self.parts:
-            groups = part.scale.shape[1]
-            sums = block.view(batch * heads, padded, groups, -1).sum(-1).numpy()
-            scores = _kernels(groups)[0]
-            scores(
-                block_np,
-                sums,
-                part.codes,
-                part.scale,
-                part.zero,
-                part.lut,
-                part.starts,
-                part.counts,
-                part.offsets,
-                out_np,
-            )
+        for p in self.parts:
+            scores = _kernels(p.scale.shape[1])[0]
+            scores(block_np, p.codes, p.scale, p.zero, p.lut, p.starts, p.counts, p.offsets, out_np)
         return out[:, :rows].view(batch, heads, rows, width).to(query.dtype)
 
     def weigh(self, probs: torch.Tensor) -> torch.Tensor:

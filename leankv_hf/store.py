@@ -372,6 +372,8 @@ class Body:
         """``query[B, H, Q, D] @ keys^T`` -> ``[B, H, Q, W]``, -inf in empty slots; low-rank keys are scored in
         their reduced space."""
         reduced = query if self.basis is None else query @ self.basis
+        if isinstance(self.keys, kernels.CodedRows):  # they leave -inf in empty slots themselves
+            return self.keys.scores(reduced)
         return self.keys.scores(reduced).masked_fill_(~self.valid[:, :, None], -torch.inf)
 
     def full_keys(self) -> torch.Tensor:

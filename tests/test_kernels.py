@@ -46,7 +46,7 @@ def test_fused_products_match_the_padded_view(mix, rows):
     assert torch.equal(fused.valid, padded.valid)
     batch, heads, width = fused.valid.shape
     query, probs = torch.randn(batch, heads, rows, DIM), torch.rand(batch, heads, rows, width)
-    torch.testing.assert_close(fused.keys.scores(query), padded.keys.scores(query), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused.logits(query), padded.logits(query), rtol=1e-5, atol=1e-4)  # -inf: empty
     torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
 
 
