@@ -5,8 +5,9 @@
 * `RaggedStore`: each (batch, head) holds its own tokens. Rows ``[N, ...]`` are sorted by (batch, head) and
   ``counts[B, H]`` says how many each holds (CSR), so persistent memory is exactly the kept tokens: nothing is
   padded to the longest head. Attention reads a transient padded view (`PaddedLayout`, `Body`), one layer at a
-  time; int-coded rows stay coded in it (`PaddedRows`). Its keys may be low rank (``Precision(rank=r)``): rows
-  hold ``r`` coefficients on a per-(batch, head) basis (`fit_basis`).
+  time; int-coded rows stay coded in it (`PaddedRows`), and on CPU the decode step reads them where they lie
+  instead (`kernels.CodedRows`). Its keys may be low rank (``Precision(rank=r)``): rows hold ``r`` coefficients
+  on a per-(batch, head) basis (`fit_basis`).
 """
 
 from __future__ import annotations
