@@ -50,6 +50,18 @@ def test_fused_products_match_the_padded_view(mix, rows):
     torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
 
 
+def test_bfloat16_queries_get_bfloat16_products():
+    """A bfloat16 model on CPU: the kernels compute in float32 and hand back bfloat16 (within its rounding)."""
+    layout = PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"]))
+    fused, padded = layout.view(torch.bfloat16, fused=True), layout.view(torch.float32)
+    batch, heads, width = fused.valid.shape
+    query, probs = torch.randn(batch, heads, 3, DIM), torch.rand(batch, heads, 3, width)
+    logits, weighed = fused.logits(query.bfloat16()), fused.values.weigh(probs.bfloat16())
+    assert logits.dtype == weighed.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), padded.logits(query.bfloat16().float()), rtol=1e-2, atol=1e-1)
+    torch.testing.assert_close(weighed.float(), padded.values.weigh(probs.bfloat16().float()), rtol=1e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("n", [1, 4])
 def test_folded_scores_match_the_running_mean(monkeypatch, n):
     """Each row's running mean and age, from the scores its slot received: bit for bit the torch arithmetic."""
