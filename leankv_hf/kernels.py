@@ -153,13 +153,18 @@ if numba is not None:
                 ages[i] = min(total, 255.0)
 
 
-def fold(scores: torch.Tensor, segments: tuple, n: int, mean: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-    """`store.running_mean` for one store's rows, reading ``scores[B, H, W]`` at their slots (``segments``, per
-    `PaddedLayout.segments`): returns the new float32 means and updates ``ages`` (uint8) in place."""
-    out = torch.empty(mean.shape[0])
+def fold(scores: torch.Tensor, n: int, stores: list[tuple]) -> list[torch.Tensor]:
+    """`store.running_mean` for the rows of several stores, reading ``scores[B, H, W]`` at their slots: per store
+    ``(segments, mean, ages)`` (``segments`` per `PaddedLayout.segments`, ``mean`` fp16); returns each store's new
+    float32 means and updates its ``ages`` (uint8) in place."""
     flat = scores.float().flatten(0, 1).contiguous().numpy()
-    _fold(flat, *segments, n, _bits(mean), _to_float32(torch.float16), ages.numpy(), out.numpy())
-    return out
+    lut = _to_float32(torch.float16)
+    means = []
+    for segments, mean, ages in stores:
+        out = torch.empty(mean.shape[0])
+        _fold(flat, *segments, n, _bits(mean), lut, ages.numpy(), out.numpy())
+        means.append(out)
+    return means
 
 
 @dataclass

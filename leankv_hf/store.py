@@ -408,15 +408,13 @@ class PaddedLayout:
         self.width = int(self.held.max()) if self.held.numel() else 0
         # Per (store, head): its first row in the store and its first slot in the head (rows are sorted by head).
         self.starts, self.offsets = counts.cumsum(1) - counts, counts.cumsum(0) - counts
-        # The same as arrays for the CPU kernels (views of these tensors, no copy).
-        cpu = counts.device.type == "cpu"
-        self.segments = [tuple(t.numpy() for t in seg) for seg in self.geometry] if cpu else None
-
-    @property
-    def geometry(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per store, ``(starts, counts, offsets)`` per (batch, head) segment."""
-        counts = [store.counts.flatten() for store in self.stores]
-        return list(zip(self.starts, counts, self.offsets, strict=True))
+        # Per store, (starts, counts, offsets) as arrays for the CPU kernels (views of these tensors, no copy).
+        self.segments = None
+        if counts.device.type == "cpu":
+            stored = [store.counts.flatten() for store in stores]
+            self.segments = [
+                tuple(t.numpy() for t in seg) for seg in zip(self.starts, stored, self.offsets, strict=True)
+            ]
 
     def slots(self) -> list[torch.Tensor]:
         """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at
@@ -455,10 +453,13 @@ class PaddedLayout:
     def fold(self, scores: torch.Tensor, n: int) -> None:
         """Fold ``n`` observations summing to ``scores[B, H, W]`` (what the body's slots received) into each row's
         running mean and age (`running_mean`)."""
+        if n == 0:
+            return
         if self.segments is not None and kernels.enabled():
-            for store, segments in zip(self.stores, self.segments, strict=True):
-                if store.rows:
-                    store.scores = kernels.fold(scores, segments, n, store.scores, store.ages).half()
+            held = [(store, seg) for store, seg in zip(self.stores, self.segments, strict=True) if store.rows]
+            means = kernels.fold(scores, n, [(seg, store.scores, store.ages) for store, seg in held])
+            for (store, _), mean in zip(held, means, strict=True):
+                store.scores = mean.half()
             return
         flat = scores.flatten()
         for store, slots in zip(self.stores, self.slots(), strict=True):
