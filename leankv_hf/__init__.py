@@ -4,14 +4,18 @@ from .attention import use_leankv_attention
 from .caches import LeanKVConfig, QuantizedHeteroCache, SparseHeadCache, UnifiedLeanCache
 from .models import load_model
 from .monitor import LeanKVMonitor, cache_nbytes, cache_stats, compression_ratio, dense_nbytes
+from .prefill import prefill
+from .scoring import ContextReconstruction, ObservationWindow
 from .stages import LowRanker, Quantizer, Reconstructor, Sparsifier
 
 __all__ = [
     "LeanKVConfig",
     "LeanKVMonitor",
     "LowRanker",
+    "ObservationWindow",
     "QuantizedHeteroCache",
     "Quantizer",
+    "ContextReconstruction",
     "Reconstructor",
     "SparseHeadCache",
     "Sparsifier",
@@ -21,6 +25,7 @@ __all__ = [
     "compression_ratio",
     "dense_nbytes",
     "load_model",
+    "prefill",
     "use_leankv_attention",
 ]
 __version__ = "0.1.0"

@@ -22,10 +22,25 @@ def register() -> None:
 
 
 def use_leankv_attention(model) -> None:
-    """Switch ``model`` to the leankv attention function (it runs sdpa for everything dense)."""
+    """Switch ``model`` to the leankv attention function (it runs sdpa for everything dense), and hook its decoder
+    so that a cache whose scorer probes (`scoring.ContextReconstruction`) scores each prompt right after its forward."""
     register()
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)
+    decoder = model.get_decoder()
+    if not getattr(decoder, "_leankv_hooked", False):
+        decoder.register_forward_hook(_after_forward, with_kwargs=True)
+        decoder._leankv_hooked = True
+
+
+def _after_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    cache = kwargs.get("past_key_values")
+    finish = getattr(cache, "after_forward", None)
+    if finish is not None:
+        tokens = {name: kwargs[name] for name in ("input_ids", "inputs_embeds") if kwargs.get(name) is not None}
+        if not tokens and args:  # input_ids given positionally
+            tokens = {"input_ids": args[0]}
+        finish(module, tokens, kwargs.get("attention_mask"))
 
 
 def _recent_mask(mask: torch.Tensor | None, batch: int, q_len: int, r_len: int, device) -> torch.Tensor:
@@ -66,11 +81,13 @@ def leankv_attention(
     layer = getattr(key, "leankv_layer", None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    layer.attended = True
     batch, q_heads, q_len, dim = query.shape
     heads = key.shape[1]
     groups = q_heads // heads
     scale = scaling if scaling is not None else dim**-0.5
+    if layer.probe is not None:
+        return _probe_attention(layer, query, key, value, scale, groups), None
+    layer.attended = True
     recent_mask = _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
     window = layer.score_window(q_len)
@@ -116,8 +133,48 @@ def leankv_attention(
         # [B, Hkv, G*w, L] -> per KV head, aggregated over its query heads, summed over the window's queries
         per_head = probs.view(batch, key.shape[1], groups, -1, probs.shape[-1])
         per_head = per_head.amax(2) if layer.gqa == "max" else per_head.mean(2)
-        layer.observe(per_head.sum(2), n_queries=per_head.shape[2], visible=recent_mask[:, 0, -1])
-    else:  # a query-aware policy takes no scores, but its layer still compacts
-        layer.observe(None, n_queries=0, visible=recent_mask[:, 0, -1])
+        observed = per_head.amax(2) if layer.settings.scorer.reduce == "max" else per_head.sum(2)
+        layer.observe(observed, per_head.shape[2], recent_mask[:, 0, -1], q_len)
+    else:  # no query reports scores (a query-aware policy, or a prompt a probe will score); the layer still compacts
+        layer.observe(None, 0, recent_mask[:, 0, -1], q_len)
     out = out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
     return out, None
+
+
+def _probe_attention(layer, query, key, value, scale: float, groups: int) -> torch.Tensor:
+    """A probe re-reading window tokens ``[start, stop)`` (`scoring.ContextReconstruction`). Its queries attend to what
+    the layer has stored (the compressed body), the window up to ``stop`` and their own tokens, causally; that output
+    feeds the next layer. A re-read token's score is the most attention it gets from the valid queries (over the query
+    heads of its KV head) renormalized over the sinks, the re-read tokens and the probe's own, as KVzip does: a chunk's
+    scores do not shrink as the context before it grows. Returns the output ``[B, P, Hq, D]``."""
+    probe = layer.probe
+    batch, q_heads, p_len, _ = query.shape
+    heads = key.shape[1]
+    device = query.device
+    body, stored = layer.body_view(query.dtype), 0
+    if body is not None:  # each head's first stored rows are its sinks: the earliest tokens, kept high, never moved
+        key, value = torch.cat([body.full_keys(), key], 2), torch.cat([body.values.dense(), value], 2)
+        stored = body.valid.shape[-1]
+    logits = torch.matmul(_gqa_pack(query, groups), key.transpose(-1, -2)).float().mul_(scale)
+    grid = logits.view(batch, heads, groups, p_len, -1)  # per (KV head, query head of it, query): what it cannot see
+    if body is not None:
+        grid[..., :stored].masked_fill_(~body.valid[:, :, None, None, :], -torch.inf)
+    window = layer.recent_valid[:, : probe.stop]
+    if not bool(window.all()):
+        grid[..., stored : stored + probe.stop].masked_fill_(~window[:, None, None, None, :], -torch.inf)
+    own = torch.ones(p_len, p_len, dtype=torch.bool, device=device).tril()
+    own = own & (probe.valid[:, None, :] | torch.eye(p_len, dtype=torch.bool, device=device))  # [B, P, P]
+    grid[..., -p_len:].masked_fill_(~own[:, None, None], -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs.to(value.dtype), value)
+    grid = probs.view(batch, heads, groups, p_len, -1)
+    received = grid[..., stored + probe.start : stored + probe.stop]
+    mass = received.sum(-1, keepdim=True) + grid[..., -p_len:].sum(-1, keepdim=True)
+    mass += grid[..., : min(layer.settings.sink, stored)].sum(-1, keepdim=True)  # stored sinks (empty slots hold 0)
+    columns, is_sink = layer.probe_sinks  # window columns before the re-read ones that hold sinks
+    if columns.numel():
+        mass += (grid[..., stored + columns.to(device)] * is_sink[:, None, None, None, :]).sum(-1, keepdim=True)
+    received = (received / mass).masked_fill_(~probe.valid[:, None, None, :, None], 0)
+    per_head = received.amax(2) if layer.gqa == "max" else received.mean(2)
+    layer.fold_probe(per_head.amax(2))
+    return out.reshape(batch, q_heads, p_len, -1).transpose(1, 2).contiguous()

@@ -140,31 +140,36 @@ def _kernels(groups: int):
 if numba is not None:
 
     @numba.njit(boundscheck=False, cache=True)
-    def _fold(scores, starts, counts, offsets, n, mean, lut, ages, out):  # pragma: no cover (jit)
-        """Row ``i = starts[s] + j`` received ``scores[s, offsets[s] + j]`` over ``n`` queries: its new running
-        mean goes to ``out[i]`` (the old one read from fp16 bits through ``lut``), its age saturates at 255.
-        The arithmetic is `store.running_mean`'s, in the same order (no fastmath)."""
+    def _fold(scores, starts, counts, offsets, n, peak, score, lut, ages, out):  # pragma: no cover (jit)
+        """Row ``i = starts[s] + j`` received ``scores[s, offsets[s] + j]`` over ``n`` queries (their sum, or with
+        ``peak`` their maximum): its new score goes to ``out[i]`` (the old one read from fp16 bits through ``lut``),
+        its age saturates at 255. The arithmetic is `store.fold_scores`'s, in the same order (no fastmath)."""
         for s in range(counts.shape[0]):
             for j in range(counts[s]):
                 i = starts[s] + j
                 weight = np.float32(ages[i])
                 total = weight + np.float32(n)
-                out[i] = (lut[mean[i]] * weight + scores[s, offsets[s] + j]) / total
+                seen = scores[s, offsets[s] + j]
+                old = lut[score[i]]
+                if peak:
+                    out[i] = max(old, seen)
+                else:
+                    out[i] = (old * weight + seen) / total
                 ages[i] = min(total, 255.0)
 
 
-def fold(scores: torch.Tensor, n: int, stores: list[tuple]) -> list[torch.Tensor]:
-    """`store.running_mean` for the rows of several stores, reading ``scores[B, H, W]`` at their slots: per store
-    ``(segments, mean, ages)`` (``segments`` per `PaddedLayout.segments`, ``mean`` fp16); returns each store's new
-    float32 means and updates its ``ages`` (uint8) in place."""
+def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean") -> list[torch.Tensor]:
+    """`store.fold_scores` for the rows of several stores, reading ``scores[B, H, W]`` at their slots: per store
+    ``(segments, score, ages)`` (``segments`` per `PaddedLayout.segments`, ``score`` fp16); returns each store's new
+    float32 scores and updates its ``ages`` (uint8) in place."""
     flat = scores.float().flatten(0, 1).contiguous().numpy()
     lut = _to_float32(torch.float16)
-    means = []
-    for segments, mean, ages in stores:
-        out = torch.empty(mean.shape[0])
-        _fold(flat, *segments, n, _bits(mean), lut, ages.numpy(), out.numpy())
-        means.append(out)
-    return means
+    folded = []
+    for segments, score, ages in stores:
+        out = torch.empty(score.shape[0])
+        _fold(flat, *segments, n, reduce == "max", _bits(score), lut, ages.numpy(), out.numpy())
+        folded.append(out)
+    return folded
 
 
 @dataclass

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ def gguf_checkpoint(gguf_path: str | Path) -> Path:
     with FileLock(target.with_name(target.name + ".lock")):
         if (target / "config.json").exists():
             return target
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # The weights are already dense; drop the GGUF quantizer record so the checkpoint saves as a plain one.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
@@ -148,8 +149,8 @@ def load_model(
     source = resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:

@@ -8,7 +8,7 @@ pruned, by `assign`, so a policy only ranks the rest. One small class per method
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ class Policy:
     tiers = 1
     pooling = 1
     page_size = 0
+    thresholds = False  # compares scores with uniform attention (1 / context): they must be means, not maxima
 
     def pooled(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Scores max-pooled over neighbouring positions. Candidate slots are in position order only right after
@@ -204,6 +205,7 @@ class ThresholdPolicy(Policy):
     name: str = "threshold"
     alpha: float = 0.02
     pooling: int = 7
+    thresholds = True
 
     def select(self, c: Candidates) -> torch.Tensor:
         return (c.scores >= self.alpha / c.context.view(-1, 1, 1).float()) & topk_mask(c.scores, c.budget)
@@ -219,6 +221,7 @@ class LeanKVPolicy(Policy):
     alpha_quant: float = 1.0
     tiers: int = 2
     pooling: int = 7
+    thresholds = True
 
     def tier_of(self, c: Candidates) -> torch.Tensor:
         uniform = 1.0 / c.context.view(-1, 1, 1).float()
@@ -227,6 +230,30 @@ class LeanKVPolicy(Policy):
         tier = torch.full_like(c.positions, PRUNED, dtype=torch.int8)
         tier = torch.where(low, torch.ones_like(tier) if self.tiers > 1 else torch.zeros_like(tier), tier)
         return torch.where(high & low, torch.zeros_like(tier), tier)
+
+
+@dataclass
+class TieredPolicy(Policy):
+    """A ranking policy's choice split over two tiers: each head keeps what ``rank`` keeps within its budget, and the
+    best ``high`` share of that budget (ranked the same way) stays in the high tier; the rest goes to the low tier.
+    LeanKV's answer to uncertain importance: a token demoted to fewer bits is still there when a later question
+    needs it."""
+
+    rank: Policy
+    high: float = 0.5
+    name: str = "tiered"
+    tiers: int = 2
+
+    def __post_init__(self):
+        if not 0 < self.high <= 1:
+            raise ValueError(f"high={self.high!r} must be in (0, 1]: the share of the kept tokens stored high")
+        self.pooling = self.rank.pooling
+
+    def tier_of(self, c: Candidates) -> torch.Tensor:
+        kept = self.rank.select(c) & c.valid
+        high = self.rank.select(replace(c, budget=(c.budget.float() * self.high).ceil().long())) & kept
+        tier = torch.where(kept, 1, PRUNED).to(torch.int8)
+        return torch.where(high, 0, tier).to(torch.int8)
 
 
 @dataclass

@@ -87,6 +87,12 @@ class Precision:
         return "16" if not self.quantized else f"{self.bits}{'fp8' if self.fmt == 'fp8' else ''}"
 
 
+def fitting_group(width: int, preferred: int = 64) -> int:
+    """The default group size for rows of ``width`` channels: the largest divisor of ``width`` up to ``preferred``
+    (64, or the whole row when it is narrower), so that defaults fit every model."""
+    return max(g for g in range(1, min(preferred, width) + 1) if width % g == 0)
+
+
 def decode(x: Encoded, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` as a ``dtype`` tensor, written into ``out`` when given."""
     if isinstance(x, QuantizedTensor):
@@ -137,13 +143,17 @@ def select(x: Encoded, dim: int, index: torch.Tensor) -> Encoded:
     return replace(x, **{name: t.index_select(dim, index) for name, t in _fields(x).items()})
 
 
-def first_tokens(x: Encoded, length: int) -> Encoded:
-    """The first ``length`` tokens of a ``[B, H, T, ...]`` block (per-channel scales cover a group of tokens)."""
+def token_range(x: Encoded, start: int, stop: int) -> Encoded:
+    """Tokens ``[start, stop)`` of a ``[B, H, T, ...]`` block (per-channel scales cover a group of tokens, so there
+    both ends fall on group boundaries)."""
     if isinstance(x, torch.Tensor):
-        return x[:, :, :length]
-    groups = length // x.group_size if x.axis == "channel" else length
-    trimmed = {name: t[:, :, : length if name == "payload" else groups] for name, t in _fields(x).items()}
-    return replace(x, **trimmed)
+        return x[:, :, start:stop]
+    group = x.group_size if x.axis == "channel" else 1
+    kept = {
+        name: t[:, :, start:stop] if name == "payload" else t[:, :, start // group : stop // group]
+        for name, t in _fields(x).items()
+    }
+    return replace(x, **kept)
 
 
 @dataclass
@@ -184,8 +194,25 @@ class DenseStore:
             return
         if length % block:
             raise ValueError(f"cannot cut a per-channel block of {block} tokens at {length}")
-        self.keys, self.values = first_tokens(self.keys, length), first_tokens(self.values, length)
+        self.keys, self.values = token_range(self.keys, 0, length), token_range(self.values, 0, length)
         self.length = length
+
+    def drop(self, count: int) -> None:
+        """Forget the first ``count`` tokens (a multiple of the layout's block); their memory is released."""
+        if count:
+            self.keys, self.values = (
+                token_range(self.keys, count, self.length),
+                token_range(self.values, count, self.length),
+            )
+            self.keys, self.values = _copied(self.keys), _copied(self.values)
+            self.length -= count
+
+
+def _copied(x: Encoded) -> Encoded:
+    """``x`` in storage of its own: a slice would pin the dropped tokens."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    return replace(x, **{name: t.clone() for name, t in _fields(x).items()})
 
 
 @dataclass
@@ -274,7 +301,7 @@ class RaggedStore:
         order[arrived] = rows + by_head
         for name, value in new.items():
             setattr(self, name, select(cat([getattr(self, name), value], 0) if rows else value, 0, order))
-        self.counts += incoming.view_as(self.counts)
+        self.counts = self.counts + incoming.view_as(self.counts)  # not in place: it may be an inference tensor
 
     def project(self, k: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """Keys ``k[N, D]`` as this store holds them: coefficients on their segment's basis when low rank."""
@@ -450,32 +477,36 @@ class PaddedLayout:
             first += store.rows
         return Body(gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape), valid, basis)
 
-    def fold(self, scores: torch.Tensor, n: int) -> None:
-        """Fold ``n`` observations summing to ``scores[B, H, W]`` (what the body's slots received) into each row's
-        running mean and age (`running_mean`)."""
+    def fold(self, scores: torch.Tensor, n: int, reduce: str = "mean") -> None:
+        """Fold ``n`` observations, summing (``reduce="mean"``) or peaking (``"max"``) at ``scores[B, H, W]`` (what
+        the body's slots received), into each row's score and age (`fold_scores`)."""
         if n == 0:
             return
         if self.segments is not None and kernels.enabled():
             held = [(store, seg) for store, seg in zip(self.stores, self.segments, strict=True) if store.rows]
-            means = kernels.fold(scores, n, [(seg, store.scores, store.ages) for store, seg in held])
-            for (store, _), mean in zip(held, means, strict=True):
-                store.scores = mean.half()
+            folded = kernels.fold(scores, n, [(seg, store.scores, store.ages) for store, seg in held], reduce)
+            for (store, _), score in zip(held, folded, strict=True):
+                store.scores = score.half()
             return
         flat = scores.flatten()
         for store, slots in zip(self.stores, self.slots(), strict=True):
             if store.rows:
-                mean, store.ages = running_mean(store.scores.float(), store.ages, flat[slots], n)
-                store.scores = mean.half()
+                score, store.ages = fold_scores(store.scores.float(), store.ages, flat[slots], n, reduce)
+                store.scores = score.half()
 
 
-def running_mean(mean: torch.Tensor, ages: torch.Tensor, total: torch.Tensor, n: int):
-    """Fold ``n`` new observations summing to ``total`` into a running mean; ages saturate at `MAX_AGE` (from then
-    on the mean decays: old observations weigh 255 against the new ones)."""
+def fold_scores(score: torch.Tensor, ages: torch.Tensor, observed: torch.Tensor, n: int, reduce: str = "mean"):
+    """Fold ``n`` new observations into tokens' scores. ``"mean"``: ``observed`` is their sum, and the score a running
+    mean whose ages saturate at `MAX_AGE` (from then on it decays: old observations weigh 255 against the new ones).
+    ``"max"``: ``observed`` is their maximum, and the score the largest seen."""
     if n == 0:
-        return mean, ages
+        return score, ages
     weight = ages.float()
-    mean = (mean * weight + total) / (weight + n)
-    return mean, (weight + n).clamp_max(MAX_AGE).to(torch.uint8)
+    if reduce == "max":
+        score = torch.maximum(score, observed)
+    else:
+        score = (score * weight + observed) / (weight + n)
+    return score, (weight + n).clamp_max(MAX_AGE).to(torch.uint8)
 
 
 def gather_rows(

@@ -75,7 +75,8 @@ class Plan:
         if self.best is None:
             return None
         settings = dict(self.best.settings)
-        return LeanKVConfig.from_dict({**PRESETS.get(settings.pop("preset", None), {}), **settings})
+        preset = PRESETS.get(settings.pop("preset", None), {})
+        return LeanKVConfig.from_dict({**preset, **settings, "budget_mb": self.budget_mb})
 
 
 def calibration_ids(tokenizer: PreTrainedTokenizerBase, text: str, length: int) -> list[int]:

@@ -55,3 +55,24 @@ def test_ruler_string_match_and_passkey():
     assert metrics.string_match_part("none", ["123", "456"]) == 0.0
     assert metrics.contains(" 12345. Remember", "12345") == 1.0
     assert metrics.contains("1234", "12345") == 0.0
+
+
+CODE_PAIRS = [
+    ("x = 2", "x = 1"),
+    ("return self.model(input_ids)", "return self.model(inputs)"),
+    ("for i in range(10):", "for j in range(n):"),
+    ("public static void main(String[] args) {", "public void main(String args) {"),
+    ("self.assertEqual(result, expected)", "assert result == expected"),
+    ("", "abc"),
+    ("    def forward(self, x):", "def forward(x):"),
+]
+
+
+@pytest.mark.parametrize("prediction, truth", CODE_PAIRS)
+def test_code_sim_equals_fuzzywuzzys_ratio(prediction, truth):
+    """rapidfuzz gives the scores fuzzywuzzy gave (its pure-Python path: difflib, rounded to whole percent)."""
+    from difflib import SequenceMatcher
+
+    assert (
+        metrics.code_sim_score(prediction, truth) == round(100 * SequenceMatcher(None, prediction, truth).ratio()) / 100
+    )

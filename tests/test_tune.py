@@ -1,6 +1,7 @@
 """The orchestrator: a budget in, a measured table and a chosen config out."""
 
 import pytest
+import torch
 from transformers import DynamicCache
 
 from leankv_hf import UnifiedLeanCache
@@ -84,3 +85,20 @@ def test_tune_command_writes_table_and_config(tmp_path, capsys):
     assert code == 0
     assert "chose" in capsys.readouterr().out
     assert (out / "tune.md").read_text().count("|") > 20 and (out / "best.yaml").exists()
+
+
+def test_the_chosen_plan_keeps_its_cap(tiny_tok, tmp_path):
+    """best.yaml is the plan for the budget: loading it gives a cache capped at that budget, and the cap holds."""
+    model = tiny_model("llama")
+    candidates = {"k8v4": {**SMALL, "high": (8, 4), "low": (4, 2)}}
+    plan = tune(model, tiny_tok, budget_mb=0.05, context=128, steps=4, text=TEXT, candidates=candidates, progress=False)
+    (tmp_path / "best.yaml").write_text(plan.best_config().to_yaml())
+    cache = UnifiedLeanCache.from_config(tmp_path / "best.yaml", model=model)
+    assert cache.settings.budget_mb == 0.05
+    ids = tiny_tok(TEXT, return_tensors="pt").input_ids[:, :600]
+    peak = 0
+    with torch.no_grad():
+        for step in range(0, 600, 50):
+            model(input_ids=ids[:, step : step + 50], past_key_values=cache)
+            peak = max(peak, cache.nbytes())
+    assert peak <= 0.05 * 2**20 and cache.stats()["budget_pruned"] > 0

@@ -1,12 +1,15 @@
 """What every leankv cache shares: a transformers `Cache` whose full-attention layers are ours.
 
-Sliding-window layers of hybrid models (Gemma 3) stay `DynamicSlidingWindowLayer`: they are already bounded,
-and compressing them buys little. Byte accounting is the generic, honest counter of `monitor`.
+Sliding-window layers of hybrid models (Gemma 2/3, Mistral-style windows) keep exactly their window, held like
+the cache's other tokens (`hetero.SlidingHeteroLayer`: at the cache's bits, the newest tokens exact, 16-bit by
+default) instead of at the model's dtype. Byte accounting is the generic, honest counter of `monitor`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import Cache, PretrainedConfig, PreTrainedModel
@@ -61,6 +64,8 @@ class CompressedLayer(CacheLayerMixin):
     beam search / batch expansion through ``_select_batch(index)`` over its batch rows."""
 
     is_sliding = False
+    pending = 0  # newest window tokens awaiting a probe's scores (see `scoring`); then the layer compacts
+    probe = None  # the probe forward in progress (`scoring.Probe`): its keys and values are seen, never stored
 
     def get_max_length(self) -> int:
         return -1
@@ -80,37 +85,108 @@ class CompressedLayer(CacheLayerMixin):
             self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
 
-class SlidingWindowLayer(DynamicSlidingWindowLayer):
-    """transformers' sliding-window layer, holding a copy of its window. Right after a prefill, transformers'
-    own keeps a view of the whole prompt's keys and values, which pins all of them in memory."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        out = super().update(key_states, value_states, *args, **kwargs)
-        if self.keys.untyped_storage().nbytes() > 2 * self.keys.numel() * self.keys.element_size():
-            self.keys, self.values = self.keys.clone(), self.values.clone()
-        return out
-
-
 def uncompressed_layer(kind: str, **kwargs) -> CacheLayerMixin:
-    """The layer a leankv cache keeps for a layer it does not compress (sliding, chunked)."""
-    cls = DYNAMIC_LAYER_TYPE_MAPPING[kind]
-    return (SlidingWindowLayer if cls is DynamicSlidingWindowLayer else cls)(**kwargs)
+    """The layer a leankv cache keeps for a layer kind it neither compresses nor windows (transformers' own)."""
+    return DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+
+
+def is_window(kind: str) -> bool:
+    """Whether layers of ``kind`` (sliding or chunked attention) attend to a bounded window of recent tokens."""
+    return DYNAMIC_LAYER_TYPE_MAPPING.get(kind) is DynamicSlidingWindowLayer
 
 
 class LeanCache(Cache):
-    """A `Cache` with one leankv layer per full-attention layer, built by ``make_layer(layer_idx)``."""
+    """A `Cache` with one leankv layer per full-attention layer, built by ``make_layer(layer_idx)``, and one per
+    sliding-window layer of a hybrid model, built by ``make_window(sliding_window)``."""
 
     def __init__(
-        self, model_or_config: PreTrainedModel | PretrainedConfig, make_layer: Callable[[int], CacheLayerMixin]
+        self,
+        model_or_config: PreTrainedModel | PretrainedConfig,
+        make_layer: Callable[[int], CacheLayerMixin],
+        make_window: Callable[[int], CacheLayerMixin],
     ):
         config = text_config(model_or_config)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         layers = [
-            make_layer(i) if kind == "full_attention" else uncompressed_layer(kind, **kwargs)
+            make_layer(i)
+            if kind == "full_attention"
+            else make_window(kwargs["sliding_window"])
+            if is_window(kind)
+            else uncompressed_layer(kind, **kwargs)
             for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True))
         ]
         super().__init__(layers=layers)
         self.config = config
+        self.probe = None
+        self.input_ids = None  # the token ids a reloaded cache was saved with (`from_pretrained`)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if self.probe is not None and getattr(layer, "probe", None) is None:  # a probe is seen here, not stored
+            return layer.peek(key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def pending_layers(self) -> list[CacheLayerMixin]:
+        """The layers holding tokens a probe must score before they compact."""
+        return [layer for layer in self.layers if isinstance(layer, CompressedLayer) and layer.pending]
+
+    @contextmanager
+    def probing(self, probe) -> Iterator[None]:
+        """Within: forwards through this cache are the probe ``probe`` (`scoring.Probe`), nothing is stored."""
+        layers = self.pending_layers()
+        self.probe = probe
+        for layer in layers:
+            layer.probe = probe
+        try:
+            yield
+        finally:
+            self.probe = None
+            for layer in layers:
+                layer.probe = None
+
+    def after_forward(self, decoder: torch.nn.Module, tokens: dict, attention_mask: torch.Tensor | None) -> None:
+        """Called by the decoder's forward hook (`attention.use_leankv_attention`): a scorer that probes scores the
+        tokens the forward left pending, and their layers compact them."""
+        layers = self.pending_layers()
+        if layers and self.probe is None:
+            layers[0].settings.scorer.score(self, decoder, tokens, attention_mask)
+
+    def arguments(self) -> dict:
+        """The keyword arguments that build this cache again for the same model (`save_pretrained`)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | Path, input_ids: torch.Tensor | None = None) -> Path:
+        """Save this cache to ``directory`` (safetensors and JSON, replaced atomically; see `persist`), with the token
+        ids it holds when given: ``generate`` must be passed them again, followed by the new ones.
+
+        Example:
+            >>> import copy, tempfile, torch
+            >>> from leankv_hf import UnifiedLeanCache
+            >>> from leankv_hf.testing import tiny_model
+            >>> model = tiny_model("llama")
+            >>> context = torch.randint(3, 200, (1, 40))
+            >>> cache = UnifiedLeanCache(model, group_size=16, buffer=8)
+            >>> _ = model(input_ids=context, past_key_values=cache)
+            >>> path = cache.save_pretrained(tempfile.mkdtemp() + "/ctx", input_ids=context)
+            >>> again = UnifiedLeanCache.from_pretrained(path, model=model)
+            >>> again.get_seq_length(), torch.equal(again.input_ids, context)
+            (40, True)
+            >>> question = torch.cat([again.input_ids, torch.tensor([[5, 6, 7]])], 1)
+            >>> out = model.generate(question, past_key_values=copy.deepcopy(again), max_new_tokens=2, do_sample=False)
+        """
+        from ..persist import save
+
+        return save(self, directory, input_ids)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: PreTrainedModel) -> LeanCache:
+        """A cache saved by `save_pretrained`, for ``model``; ``input_ids`` holds the token ids saved with it (or
+        None). A model of other shapes or dtype, an altered or truncated file, or a newer format raises a
+        `ValueError` naming what differs."""
+        from ..persist import load
+
+        cache, cache.input_ids = load(cls, directory, model)
+        return cache
 
     def nbytes(self) -> int:
         """Bytes of every tensor this cache holds: payload, scales, zeros, scores, indices, windows."""

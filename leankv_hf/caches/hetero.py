@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..store import DenseStore, Precision
+from ..store import DenseStore, Precision, fitting_group
 from .base import CompressedLayer, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
 
 
@@ -20,6 +20,7 @@ class HeteroLayer(CompressedLayer):
     """
 
     is_croppable = True
+    saved_state = ("keys", "values", "store")  # what `persist` saves and restores
 
     def __init__(
         self, key: Precision, value: Precision, residual_length: int, storage_dtype: torch.dtype | None = None
@@ -39,7 +40,15 @@ class HeteroLayer(CompressedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # One output buffer per side: the store dequantizes straight into it, then the window and the new tokens.
+        outs = self.peek(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        self._flush()
+        return outs
+
+    def peek(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads with these new tokens: everything held, then them; nothing is stored. One output
+        buffer per side: the store dequantizes straight into it, then the window and the new tokens."""
         stored, recent = self.store.length, self.keys.shape[-2]
         outs = []
         for window, new in ((self.keys, key_states), (self.values, value_states)):
@@ -50,9 +59,6 @@ class HeteroLayer(CompressedLayer):
             outs.append(out)
         if stored:
             self.store.decode_into(*outs)
-        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
-        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
-        self._flush()
         return tuple(outs)
 
     def _flush(self) -> None:
@@ -100,13 +106,64 @@ class HeteroLayer(CompressedLayer):
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
 
 
+class SlidingHeteroLayer(HeteroLayer):
+    """A sliding-window layer of a hybrid model (Gemma 2/3, Mistral-style windows) held like the cache's other
+    layers: the older tokens at the cache's bits, the newest ``residual_length`` exact, and only the window the
+    model attends to kept (the ``sliding_window - 1`` newest tokens; per-channel keys round that up to whole groups,
+    and attention still reads exactly the window)."""
+
+    is_sliding = True
+    is_croppable = False
+    saved_state = (*HeteroLayer.saved_state, "cumulative_length")
+
+    def __init__(self, key: Precision, value: Precision, residual_length: int, storage_dtype, sliding_window: int):
+        super().__init__(key, value, residual_length, storage_dtype)
+        self.sliding_window = sliding_window
+        self.cumulative_length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        outs = super().update(key_states, value_states)  # through `peek`: the window before, then the new tokens
+        self.cumulative_length += key_states.shape[-2]
+        extra = self.store.length + self.keys.shape[-2] - (self.sliding_window - 1)
+        if extra > 0:  # forget what has left the window: whole blocks of the store first, then the exact window
+            stored = min(self.store.length, extra - extra % self.block)
+            self.store.drop(stored)
+            exact = 0 if self.store.length else min(extra - stored, self.keys.shape[-2])
+            if exact:
+                self.keys, self.values = self.keys[:, :, exact:].clone(), self.values[:, :, exact:].clone()
+        return outs
+
+    def peek(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window the model attends to (what `get_mask_sizes` announces), then the new tokens."""
+        keep = min(self.cumulative_length, self.sliding_window - 1) + key_states.shape[-2]
+        keys, values = super().peek(key_states, value_states)
+        return keys[:, :, -keep:], values[:, :, -keep:]
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = min(self.cumulative_length, self.sliding_window - 1)
+        return held + query_length, max(self.cumulative_length - self.sliding_window + 1, 0)
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a sliding-window layer cannot be cropped: the tokens it forgot do not come back")
+
+
 @dataclass(frozen=True)
 class HeteroConfig:
-    """Validated settings of `QuantizedHeteroCache`."""
+    """Validated settings of `QuantizedHeteroCache`. ``group_size`` None: `store.fitting_group` of the head_dim."""
 
     key_bits: int = 8
     value_bits: int = 4
-    group_size: int = 64
+    group_size: int | None = None
     key_axis: str = "token"
     key_group_size: int | None = None
     residual_length: int = 32
@@ -120,16 +177,20 @@ class HeteroConfig:
         if self.eight_bit not in ("int", "fp8"):
             raise ValueError(f"eight_bit={self.eight_bit!r}: choose 'int' (int8 codes) or 'fp8' (e4m3)")
         object.__setattr__(self, "storage_dtype", check_storage_dtype(self.storage_dtype))
-        self.key_precision(), self.value_precision()  # validates bits, groups, axis
+        self.key_precision(64), self.value_precision(64)  # validates bits, groups, axis
 
-    def key_precision(self) -> Precision:
-        group = self.key_group_size or (32 if self.key_axis == "channel" else self.group_size)
+    def key_precision(self, head_dim: int) -> Precision:
+        group = self.key_group_size or (32 if self.key_axis == "channel" else self.group(head_dim))
         fmt = self.eight_bit if self.key_bits == 8 else "int"
         return Precision(self.key_bits, group, self.key_axis, fmt, self.scale_dtype)
 
-    def value_precision(self) -> Precision:
+    def value_precision(self, head_dim: int) -> Precision:
         fmt = self.eight_bit if self.value_bits == 8 else "int"
-        return Precision(self.value_bits, self.group_size, "token", fmt, self.scale_dtype)
+        return Precision(self.value_bits, self.group(head_dim), "token", fmt, self.scale_dtype)
+
+    def group(self, head_dim: int) -> int:
+        """``group_size``, or by default `store.fitting_group` of the head_dim."""
+        return fitting_group(head_dim) if self.group_size is None else self.group_size
 
 
 class QuantizedHeteroCache(LeanCache):
@@ -154,7 +215,7 @@ class QuantizedHeteroCache(LeanCache):
         model_or_config: PreTrainedModel | PretrainedConfig,
         key_bits: int = 8,
         value_bits: int = 4,
-        group_size: int = 64,
+        group_size: int | None = None,
         key_axis: str = "token",
         key_group_size: int | None = None,
         residual_length: int = 32,
@@ -174,8 +235,15 @@ class QuantizedHeteroCache(LeanCache):
             storage_dtype,
         )
         dim = head_dim(text_config(model_or_config))
-        key, value = cfg.key_precision(), cfg.value_precision()
+        key, value = cfg.key_precision(dim), cfg.value_precision(dim)
         key.check_head_dim(dim)
         value.check_head_dim(dim)
         self.settings = cfg
-        super().__init__(model_or_config, lambda _: HeteroLayer(key, value, residual_length, cfg.storage_dtype))
+        super().__init__(
+            model_or_config,
+            lambda _: HeteroLayer(key, value, residual_length, cfg.storage_dtype),
+            lambda window: SlidingHeteroLayer(key, value, residual_length, cfg.storage_dtype, window),
+        )
+
+    def arguments(self) -> dict:
+        return asdict(self.settings)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import PRUNED, Candidates, Policy
-from ..store import Body, PaddedLayout, PaddedRows, Precision, RaggedStore, decode, running_mean, select
+from ..scoring import ObservationWindow, Scorer
+from ..store import Body, PaddedLayout, PaddedRows, Precision, RaggedStore, decode, fold_scores, select
 from .base import CompressedLayer, sixteen_bit
 
 
@@ -32,7 +33,7 @@ class LayerSettings:
     tiers: tuple[tuple[Precision, Precision], ...]
     policy: Policy
     budget: float | int | None = None  # fraction of tokens or tokens per head; None: the policy decides (thresholds)
-    window: int = 32  # prefill queries whose attention scores the prompt (SnapKV's observation window)
+    scorer: Scorer = ObservationWindow()  # what a token's score measures, and when it is taken (`scoring`)
     recent: int = 32  # newest tokens kept exact, never evicted
     sink: int = 4  # first tokens always kept
     interval: int = 16  # decode steps between compactions
@@ -49,6 +50,21 @@ class LeanLayer(CompressedLayer):
     sliding layers of hybrid models are not compressed, so layer-dependent budgets must not count them)."""
 
     is_croppable = False  # evicted tokens cannot come back
+    # What `persist` saves; the rest (dtypes, budget shares, the padded layout) follows from them and the settings.
+    saved_state = (
+        "keys",
+        "values",
+        "recent_scores",
+        "recent_ages",
+        "recent_valid",
+        "padding",
+        "seen",
+        "prefilled",
+        "tiers",
+        "page_low",
+        "page_high",
+        "budget_report",
+    )
 
     def __init__(self, layer_idx: int, num_layers: int, settings: LayerSettings):
         super().__init__()
@@ -94,7 +110,7 @@ class LeanLayer(CompressedLayer):
         per_row = window * heads * (2 * dim * item + 4 + 1) + window + 8 + 8 * heads * len(self.tiers)
         rank = s.tiers[0][0].rank
         per_row += heads * dim * rank * item if rank else 0
-        per_row += s.reserve_tokens * heads * 2 * dim * self.dtype.itemsize / s.budget_layers
+        per_row += s.reserve_tokens * heads * 2 * dim * item / s.budget_layers  # at most 16-bit (sliding layers)
         share = int((s.budget_bytes / s.budget_layers / batch - per_row) // heads)
         least = s.sink * min(self.row_bytes)
         if share < least:
@@ -108,10 +124,13 @@ class LeanLayer(CompressedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.attended:
+        if self.probe is not None:  # a probe re-reads pending tokens: it sees part of the window; nothing is stored
+            return self._probe_view(key_states, value_states)
+        if not self.attended or self.pending:
             raise RuntimeError(
-                "This cache compresses inside the 'leankv' attention function, but the model ran another one. "
-                "Call leankv_hf.use_leankv_attention(model) (the cache constructors do it when given the model)."
+                "This cache compresses inside the 'leankv' attention function and scores prompts from a hook on the "
+                "model's decoder, but the model ran without them. Call leankv_hf.use_leankv_attention(model) (the "
+                "cache constructors do it when given the model)."
             )
         self.attended = False
         batch, heads, new = key_states.shape[:3]
@@ -138,6 +157,10 @@ class LeanLayer(CompressedLayer):
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.num_layers, self.settings)
+
+    def restored(self) -> None:
+        """After `persist` filled the saved state in: rebuild what follows from it."""
+        self._layout = PaddedLayout(self.tiers)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
@@ -169,9 +192,9 @@ class LeanLayer(CompressedLayer):
 
     # -- what the attention function uses ----------------------------------------------------------------
     def score_window(self, query_length: int) -> int:
-        """How many of the newest queries must report their attention: the observation window at prefill,
-        every decode query (scores keep accumulating); none for a query-aware policy, which evicts nothing."""
-        return 0 if self.settings.policy.page_size else min(self.settings.window, query_length)
+        """How many of the newest queries must report their attention (the scorer's choice); none for a query-aware
+        policy, which evicts nothing."""
+        return 0 if self.settings.policy.page_size else self.settings.scorer.queries(query_length)
 
     def body_view(self, dtype: torch.dtype, query: torch.Tensor | None = None, fused: bool = False) -> Body | None:
         """The stored tokens as a transient padded `Body` (low-rank keys as coefficients), or None when nothing
@@ -209,34 +232,68 @@ class LeanLayer(CompressedLayer):
         values = decode(select(tier.values, 0, rows), dtype).view(batch, heads, width, -1)
         return Body(PaddedRows(keys), PaddedRows(values), valid)
 
-    def observe(self, scores: torch.Tensor | None, n_queries: int, visible: torch.Tensor) -> None:
-        """Take the attention ``scores[B, H, body + recent]`` summed over ``n_queries`` queries; compact when due."""
+    def observe(self, scores: torch.Tensor | None, n_queries: int, visible: torch.Tensor, query_length: int) -> None:
+        """Take the attention ``scores[B, H, body + recent]`` of ``n_queries`` queries (their sum, or their maximum
+        when the scorer reduces by max) out of a forward of ``query_length``; compact when due. A prompt that a
+        probe scores is left pending: the cache compacts after the probe (`LeanCache.after_forward`)."""
+        reduce = self.settings.scorer.reduce
         if scores is not None:
             recent = self.keys.shape[-2]
-            self.recent_scores, self.recent_ages = running_mean(
-                self.recent_scores, self.recent_ages, scores[..., -recent:], n_queries
+            self.recent_scores, self.recent_ages = fold_scores(
+                self.recent_scores, self.recent_ages, scores[..., -recent:], n_queries, reduce
             )
             if self._viewed:
-                self._layout.fold(scores[..., : self._layout.width], n_queries)
+                self._layout.fold(scores[..., : self._layout.width], n_queries, reduce)
         self._viewed = False
-        if not self.prefilled:
+        first = not self.prefilled
+        if first:
             # Left padding: tokens the last prompt query cannot see are padding, never kept.
-            self.recent_valid &= visible
+            self.recent_valid = self.recent_valid & visible
             self.padding = (~visible).sum(-1)
             self.prefilled = True
+        if self.settings.scorer.probes and query_length > 1 and not self.settings.policy.page_size:
+            self.pending = query_length
+        elif first or self.keys.shape[-2] >= self.settings.recent + self.settings.interval:
             self.compact()
-        elif self.keys.shape[-2] >= self.settings.recent + self.settings.interval:
-            self.compact()
+
+    def _probe_view(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """What a probe reads besides the stored body, in the model's dtype: the window up to the end of the tokens it
+        re-reads (later ones await their own probe), then its own tokens. ``probe_sinks``: the window columns before
+        the re-read ones that hold sink tokens, and which of them are each row's sinks ``[B, S]``."""
+        first = self.seen - self.keys.shape[-2]  # position of the window's first token
+        columns = torch.arange(min(max(int((self.padding + self.settings.sink).max()) - first, 0), self.probe.start))
+        position = first + columns.to(self.device)
+        sink = (position >= self.padding[:, None]) & (position < (self.padding + self.settings.sink)[:, None])
+        self.probe_sinks = columns, sink
+        keys = torch.cat([self.keys[:, :, : self.probe.stop].to(self.dtype), key_states], -2)
+        values = torch.cat([self.values[:, :, : self.probe.stop].to(self.dtype), value_states], -2)
+        keys.leankv_layer = self
+        return keys, values
+
+    def settle(self) -> None:
+        """The pending tokens got their scores (from a probe): compact."""
+        self.pending = 0
+        self.compact()
+
+    def fold_probe(self, scores: torch.Tensor) -> None:
+        """The most attention each re-read token got from the probe, ``scores[B, H, stop - start]``. State is
+        replaced, never updated in place: a cache filled under ``torch.inference_mode`` must go on under ``no_grad``
+        (``generate``)."""
+        span = slice(self.probe.start, self.probe.stop)
+        scores = torch.maximum(self.recent_scores[..., span], scores)
+        self.recent_scores = torch.cat(
+            [self.recent_scores[..., : span.start], scores, self.recent_scores[..., span.stop :]], -1
+        )
 
     # -- policy -> store ---------------------------------------------------------------------------------
     def compact(self) -> None:
         """Re-rank stored tokens and those leaving the recent window; move each to its tier or prune it."""
         s = self.settings
-        batch, heads = self.keys.shape[:2]
-        n_exit = max(self.keys.shape[-2] - s.recent, 0)
+        batch, heads, window = self.keys.shape[:3]
+        n_exit = max(window - s.recent, 0)
         if n_exit == 0 and not any(t.rows for t in self.tiers):
             return
-        start = self.seen - self.keys.shape[-2]
+        start = self.seen - window
         exit_pos = torch.arange(start, start + n_exit, device=self.device).expand(batch, heads, n_exit)
         sources = [(t.scores.float(), t.positions.long(), t.segments(), t.ranks(t.segments()), t) for t in self.tiers]
         counts = [t.counts for t in self.tiers]
@@ -346,8 +403,8 @@ class LeanLayer(CompressedLayer):
         batch, heads, pages = self.page_low.shape[:3]
         index = (segments * pages + ranks // size)[:, None].expand(-1, dim)
         keys = keys.to(self.page_low.dtype)
-        self.page_low.view(-1, dim).scatter_reduce_(0, index, keys, "amin")
-        self.page_high.view(-1, dim).scatter_reduce_(0, index, keys, "amax")
+        self.page_low = self.page_low.view(-1, dim).scatter_reduce(0, index, keys, "amin").view_as(self.page_low)
+        self.page_high = self.page_high.view(-1, dim).scatter_reduce(0, index, keys, "amax").view_as(self.page_high)
 
     # -- introspection -----------------------------------------------------------------------------------
     def kept_tokens(self) -> torch.Tensor:

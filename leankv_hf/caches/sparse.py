@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import use_leankv_attention
 from ..policy import Policy, sparse_policy
+from ..scoring import Scorer, make_scorer, scorer_spec
 from ..store import Precision
 from .base import LeanCache, check_storage_dtype, full_attention_layers, text_config
+from .hetero import SlidingHeteroLayer
 from .layer import LayerSettings, LeanLayer
 
 GQA_MODES = ("max", "mean")
@@ -28,6 +30,8 @@ class SparseConfig:
     sink: int = 4
     interval: int = 16
     gqa: str = "max"
+    scorer: str | dict | Scorer = "window"
+    storage_dtype: torch.dtype | None = None
     policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -47,12 +51,27 @@ class SparseConfig:
                 f"budget={b} tokens per head cannot hold the recent window ({self.recent}) and sinks ({self.sink}): "
                 f"raise it to >= {self.recent + self.sink} or lower recent/sink"
             )
+        object.__setattr__(self, "storage_dtype", check_storage_dtype(self.storage_dtype))
         if self.gqa not in GQA_MODES:
             raise ValueError(f"gqa={self.gqa!r}: choose one of {GQA_MODES}")
-        self.build_policy()  # unknown policy names and options fail here, at construction
+        policy = self.build_policy()  # unknown policy names and options fail here, at construction
+        scorer = self.build_scorer()
+        object.__setattr__(self, "scorer", scorer_spec(scorer))
+        if policy.thresholds and scorer.reduce != "mean":
+            raise ValueError(
+                f"policy={self.policy!r} compares mean attention with alpha / context, but scorer={self.scorer!r} "
+                "scores by maximum: choose a ranking policy (snapkv, adakv, pyramid, ...)"
+            )
+        if policy.page_size and scorer.probes:
+            raise ValueError(
+                f"policy={self.policy!r} evicts nothing, so it takes no scorer; got scorer={self.scorer!r}"
+            )
 
     def build_policy(self) -> Policy:
         return sparse_policy(self.policy, **self.policy_options)
+
+    def build_scorer(self) -> Scorer:
+        return make_scorer(self.scorer, self.window)
 
 
 class SparseHeadCache(LeanCache):
@@ -80,26 +99,37 @@ class SparseHeadCache(LeanCache):
         sink: int = 4,
         interval: int = 16,
         gqa: str = "max",
+        scorer: str | dict | Scorer = "window",
         storage_dtype: torch.dtype | None = None,
         **policy_options,
     ):
-        cfg = SparseConfig(budget, policy, window, recent, sink, interval, gqa, policy_options)
+        cfg = SparseConfig(budget, policy, window, recent, sink, interval, gqa, scorer, storage_dtype, policy_options)
         self.settings = cfg
         settings = LayerSettings(
             tiers=((Precision(16), Precision(16)),),
             policy=cfg.build_policy(),
             budget=budget,
-            window=window,
+            scorer=cfg.build_scorer(),
             recent=recent,
             sink=sink,
             interval=interval,
             gqa=gqa,
-            storage_dtype=check_storage_dtype(storage_dtype),
+            storage_dtype=cfg.storage_dtype,
         )
         compressed = full_attention_layers(text_config(model_or_config))  # layer budgets count only these
-        super().__init__(model_or_config, lambda i: LeanLayer(compressed.index(i), len(compressed), settings))
+        super().__init__(
+            model_or_config,
+            lambda i: LeanLayer(compressed.index(i), len(compressed), settings),
+            lambda window: SlidingHeteroLayer(Precision(16), Precision(16), recent, cfg.storage_dtype, window),
+        )
         if isinstance(model_or_config, PreTrainedModel):
             use_leankv_attention(model_or_config)
+
+    def arguments(self) -> dict:
+        arguments = {
+            f.name: getattr(self.settings, f.name) for f in fields(self.settings) if f.name != "policy_options"
+        }
+        return {**arguments, **self.settings.policy_options}
 
     def _lean_layers(self) -> list[LeanLayer]:
         return [layer for layer in self.layers if isinstance(layer, LeanLayer)]

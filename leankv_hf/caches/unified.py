@@ -17,9 +17,11 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ..attention import use_leankv_attention
 from ..monitor import cache_stats
-from ..policy import SPARSE_POLICIES, LeanKVPolicy, Policy, sparse_policy
-from ..store import Precision, fit_basis
+from ..policy import SPARSE_POLICIES, LeanKVPolicy, Policy, TieredPolicy, sparse_policy
+from ..scoring import Scorer, make_scorer, scorer_spec
+from ..store import Precision, fit_basis, fitting_group
 from .base import LeanCache, check_storage_dtype, full_attention_layers, head_dim, text_config
+from .hetero import SlidingHeteroLayer
 from .layer import LayerSettings, LeanLayer
 from .sparse import GQA_MODES
 
@@ -41,7 +43,10 @@ class LeanKVConfig:
     ``high``/``low`` are (key_bits, value_bits) of the two tiers. With ``policy="leankv"``, a token whose mean
     attention is at least ``alpha_quant / context`` stays high, at least ``alpha_prune / context`` goes low, else
     it is pruned; ``prune_ratio`` > 0 also caps each head at its best ``1 - prune_ratio`` of the tokens. Any
-    sparse policy name instead keeps each head's best ``1 - prune_ratio`` in the high tier. ``rank`` stores keys
+    sparse policy name instead ranks: each head keeps its best ``1 - prune_ratio`` of the tokens, of which the worst
+    ``low_ratio`` (a fraction of all tokens) go to the low tier and the rest stay high. ``scorer`` says what the
+    scores measure (`scoring`): "window" (the prompt's last ``window`` queries; the question must be in the prompt)
+    or "reconstruct" (question-agnostic: the cache re-reads each prompt; ranking policies only). ``rank`` stores keys
     as rank-r coefficients on a per-head SVD basis of the prompt's keys: an int, or a fraction of head_dim. The
     newest ``buffer`` tokens stay exact; ``sink`` first tokens stay high. ``budget_mb`` is a hard cap on the
     stored bytes (MiB, or None): as the cache fills, the least important tokens move down a tier, then out;
@@ -54,13 +59,15 @@ class LeanKVConfig:
     alpha_prune: float = 0.02
     alpha_quant: float = 1.0
     prune_ratio: float = 0.0
+    low_ratio: float = 0.0
     policy: str = "leankv"
+    scorer: str | dict | Scorer = "window"
     rank: int | float | None = None
     buffer: int = 32
     window: int = 32
     sink: int = 4
     interval: int = 16
-    group_size: int = 64
+    group_size: int | None = None
     gqa: str = "max"
     mode: str = "adaptive"
     budget_mb: float | None = None
@@ -74,7 +81,7 @@ class LeanKVConfig:
             if len(pair) != 2:
                 raise ValueError(f"{name}={pair!r} must be (key_bits, value_bits)")
             for bits in pair:
-                Precision(bits, self.group_size)  # validates bits and group size
+                Precision(bits, self.group_for(64))  # validates bits and group size
         if not 0 <= self.alpha_prune <= self.alpha_quant:
             raise ValueError(
                 f"need 0 <= alpha_prune <= alpha_quant, got alpha_prune={self.alpha_prune}, alpha_quant={self.alpha_quant}"
@@ -83,6 +90,14 @@ class LeanKVConfig:
             raise ValueError(f"prune_ratio={self.prune_ratio!r} must be in [0, 1): the fraction of tokens pruned")
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r}: choose one of {POLICIES}")
+        if not _number(self.low_ratio) or not 0 <= self.low_ratio < 1 - self.prune_ratio:
+            raise ValueError(
+                f"low_ratio={self.low_ratio!r} must be in [0, 1 - prune_ratio) = [0, {1 - self.prune_ratio:g}): the "
+                "fraction of tokens stored in the low tier, out of those kept"
+            )
+        if self.low_ratio and self.policy == "leankv":
+            raise ValueError("low_ratio splits a ranking policy's tokens; with policy='leankv' the thresholds decide")
+        object.__setattr__(self, "scorer", scorer_spec(make_scorer(self.scorer, self.window)))  # YAML-friendly
         if self.policy != "leankv" and sparse_policy(self.policy).page_size:
             raise ValueError(f"policy={self.policy!r} is query-aware and evicts nothing; choose an evicting one")
         r = self.rank
@@ -103,6 +118,11 @@ class LeanKVConfig:
         mb = self.budget_mb
         if mb is not None and not (_number(mb) and math.isfinite(mb) and mb > 0):
             raise ValueError(f"budget_mb={mb!r} must be a positive number of megabytes, or None (no cap)")
+        if self.build_policy().thresholds and self.build_scorer().reduce != "mean":
+            raise ValueError(
+                f"policy={self.policy!r} compares mean attention with alpha / context, but scorer={self.scorer!r} "
+                "scores by maximum: choose a ranking policy (e.g. policy='adakv' with prune_ratio)"
+            )
 
     # -- in and out --------------------------------------------------------------------------------------
     @classmethod
@@ -194,21 +214,30 @@ class LeanKVConfig:
             raise ValueError(f"rank={rank} must be in 1..head_dim={head_dim}")
         return rank
 
+    def group_for(self, head_dim: int) -> int:
+        """The quantization group: ``group_size``, or by default `store.fitting_group` of the head_dim."""
+        return fitting_group(head_dim) if self.group_size is None else self.group_size
+
     def tiers(self, head_dim: int) -> tuple[tuple[Precision, Precision], ...]:
         """(key, value) precision per tier, checked against ``head_dim`` (groups tile a row; rank fits)."""
         rank = self.resolved_rank(head_dim)
-        tiers = tuple(
-            (Precision(k, self.group_size, rank=rank), Precision(v, self.group_size)) for k, v in (self.high, self.low)
-        )
+        group = self.group_for(head_dim)
+        tiers = tuple((Precision(k, group, rank=rank), Precision(v, group)) for k, v in (self.high, self.low))
         for pair in tiers:
             for precision in pair:
                 precision.check_head_dim(head_dim)
         return tiers
 
     def build_policy(self) -> Policy:
-        if self.policy != "leankv":
-            return sparse_policy(self.policy)
-        return LeanKVPolicy(alpha_prune=self.alpha_prune, alpha_quant=self.alpha_quant)
+        if self.policy == "leankv":
+            return LeanKVPolicy(alpha_prune=self.alpha_prune, alpha_quant=self.alpha_quant)
+        ranking = sparse_policy(self.policy)
+        if not self.low_ratio:
+            return ranking
+        return TieredPolicy(ranking, high=1 - self.low_ratio / (1 - self.prune_ratio))
+
+    def build_scorer(self) -> Scorer:
+        return make_scorer(self.scorer, self.window)
 
 
 def _int(value) -> bool:
@@ -274,7 +303,14 @@ class LowRankLayer(LeanLayer):
 
     def _select_batch(self, index: torch.Tensor) -> None:
         super()._select_batch(index)
-        for tier in self.tiers[1:]:  # each tier selected its own copy: share one again
+        self._share_basis()
+
+    def restored(self) -> None:
+        self._share_basis()
+        super().restored()
+
+    def _share_basis(self) -> None:
+        for tier in self.tiers[1:]:  # each tier selected (or was loaded with) its own copy: share one again
             tier.basis = self.tiers[0].basis
 
 
@@ -290,6 +326,17 @@ PRESETS: dict[str, dict] = {
     # Per-head sparsity and quantization together: each layer's heads share 20% of the tokens by importance
     # (AdaKV), stored at K8V4 -- about 10x smaller than 16-bit.
     "leankv-adakv": {"high": (8, 4), "low": (4, 2), "policy": "adakv", "prune_ratio": 0.8},
+    # When the question is not known yet (a context compressed before it is asked, reused, chunk-prefilled): scores
+    # from re-reading the context (KVzip), and uncertainty answered with a tier rather than a cut: each layer's heads
+    # share 10% of the tokens at K8V4 and 20% more at K4V2 -- about 9-10x smaller than 16-bit.
+    "leankv-agnostic": {
+        "high": (8, 4),
+        "low": (4, 2),
+        "policy": "adakv",
+        "prune_ratio": 0.7,
+        "low_ratio": 0.2,
+        "scorer": "reconstruct",
+    },
 }
 
 
@@ -319,7 +366,7 @@ class UnifiedLeanCache(LeanCache):
             tiers=config.tiers(head_dim(text)),
             policy=config.build_policy(),
             budget=1 - config.prune_ratio if config.prune_ratio else None,  # None: the thresholds decide
-            window=config.window,
+            scorer=config.build_scorer(),
             recent=config.buffer,
             sink=config.sink,
             interval=config.interval,
@@ -331,9 +378,19 @@ class UnifiedLeanCache(LeanCache):
             reserve_tokens=sum(kwargs.get("sliding_window", 0) for kwargs in get_layer_types_and_kwargs(text)[1]),
         )
         layer = LowRankLayer if config.rank else LeanLayer
-        super().__init__(model_or_config, lambda i: layer(compressed.index(i), len(compressed), layer_settings))
+        high = [
+            Precision(bits, config.group_for(head_dim(text))) for bits in config.high
+        ]  # sliding: high tier, full rank
+        super().__init__(
+            model_or_config,
+            lambda i: layer(compressed.index(i), len(compressed), layer_settings),
+            lambda window: SlidingHeteroLayer(*high, config.buffer, layer_settings.storage_dtype, window),
+        )
         if isinstance(model_or_config, PreTrainedModel):
             use_leankv_attention(model_or_config)
+
+    def arguments(self) -> dict:
+        return self.settings.to_dict()
 
     @classmethod
     def from_config(

@@ -42,10 +42,10 @@ def _strs(value: object) -> list[str]:
 
 def _methods(value: object) -> list[Spec]:
     """A comma-separated list, a YAML file holding a list (of strings or dicts), or a YAML list from a suite."""
-    if isinstance(value, str) and is_method_file(value):
-        loaded = yaml.safe_load(Path(value).read_text())
-        value = loaded if isinstance(loaded, list) else [value]  # a file holding one dict is itself a method
     specs = split_methods(value) if isinstance(value, str) else list(value)
+    if len(specs) == 1 and isinstance(specs[0], str) and is_method_file(specs[0]):
+        loaded = yaml.safe_load(Path(specs[0]).read_text())
+        specs = loaded if isinstance(loaded, list) else specs  # a file holding one dict is itself a method
     for spec in specs:
         parse_method(spec)
     return specs
@@ -85,25 +85,32 @@ EVAL_OPTIONS = (
         "--lengths",
         None,
         _ints,
-        help="passkey/ruler: prompt lengths in tokens; perplexity: window lengths (default: the task's)",
+        help="passkey/needle/ruler: prompt lengths in tokens; perplexity: window lengths (default: the task's)",
     ),
-    Option("--depths", None, _floats, help="passkey: needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)"),
+    Option("--depths", None, _floats, help="passkey/needle: needle depths in [0, 1] (default: the task's)"),
     Option(
         "--n-per-cell",
         None,
         int,
         help="examples per length x depth (passkey), subtask x length (ruler), windows per length (perplexity) (default: the task's)",
     ),
+    Option("--needles", None, int, help="needle: facts hidden per context, each asked (setting reuse: in turn)"),
     Option("--data", None, help="passkey: the shared set, JSONL with length_bucket, n_tokens, depth, key, text"),
     Option("--data-dir", None, help="longbench: directory holding {dataset}.jsonl (default: download)"),
-    Option("--text", None, help="perplexity: the text file to evaluate on"),
+    Option(
+        "--text",
+        None,
+        help="perplexity: the text file to evaluate on; needle: the haystack text (default: shipped prose)",
+    ),
     Option(
         "--setting",
         "query_aware",
         choices=SETTINGS,
-        help="whether the question is in the prompt when the cache compresses",
+        help="whether the question is in the prompt when the cache compresses; reuse: then every follow-up question "
+        "asked in turn on the same cache",
     ),
     Option("--limit", None, int, help="only the first N examples (default: all)"),
+    Option("--prefill-chunk", None, int, help="prefill N tokens per forward (compressing caches compact after each)"),
     _SEED,
     Option("--out", "results/eval", help="results directory (resumed if it holds rows)"),
     Option(
@@ -130,11 +137,18 @@ BENCH_OPTIONS = (
 # task -> {option dest: task constructor argument}
 _TASK_ARGUMENTS = {
     "passkey": {"lengths": "lengths", "depths": "depths", "n_per_cell": "n_per_cell", "data": "data"},
+    "needle": {
+        "lengths": "lengths",
+        "depths": "depths",
+        "n_per_cell": "n_per_cell",
+        "text": "text",
+        "needles": "needles",
+    },
     "ruler": {"subtasks": "subtasks", "lengths": "lengths", "n_per_cell": "n_per_cell"},
     "longbench": {"datasets": "datasets", "data_dir": "data_dir"},
     "perplexity": {"text": "text", "lengths": "lengths", "n_per_cell": "n_per_cell", "max_new_tokens": "steps"},
 }
-_TASK_ONLY = {"subtasks", "datasets", "lengths", "depths", "n_per_cell", "data", "data_dir", "text"}
+_TASK_ONLY = {"subtasks", "datasets", "lengths", "depths", "n_per_cell", "data", "data_dir", "text", "needles"}
 
 
 def _flag_type(convert: Callable[[object], object]) -> Callable[[str], object]:
@@ -252,6 +266,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         setting=args.setting,
         max_new_tokens=args.max_new_tokens,
         state=state,
+        prefill_chunk=args.prefill_chunk,
     )
     if state.is_main_process:
         print(summary.to_markdown())

@@ -44,15 +44,19 @@ def _budget(text: str) -> float | int:
 
 
 _HETERO_FLAGS = {"g": ("group_size", int), "r": ("residual_length", int), "chan": ("key_axis", lambda _: "channel")}
+_SCORER_FLAGS = {name: ("scorer", lambda _, name=name: name) for name in ("window", "reconstruct")}
+_SPARSE_FLAGS = {"w": ("window", int), "rec": ("recent", int), "iv": ("interval", int), **_SCORER_FLAGS}
 _UNIFIED_FLAGS = {
     "ap": ("alpha_prune", float),
     "aq": ("alpha_quant", float),
     "g": ("group_size", int),
     "pr": ("prune_ratio", float),
+    "lr": ("low_ratio", float),
     "rank": ("rank", _budget),
     "buf": ("buffer", int),
     "iv": ("interval", int),
     **{name: ("policy", lambda _, name=name: name) for name in ("snapkv", "adakv", "pyramid", "chunkkv", "streaming")},
+    **_SCORER_FLAGS,
 }
 
 # kind -> (argument pattern after "kind:", kwargs from the match, form for the docs)
@@ -75,9 +79,10 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
         "hetero:kKvV[,gG][,chan][,rR]  (QuantizedHeteroCache: K/V bits, group size, per-channel keys, residual)",
     ),
     "sparse": (
-        r"([a-z][a-z0-9_]*)@(\d+(?:\.\d*)?)",
-        lambda m: {"policy": m[1], "budget": _budget(m[2])},
-        "sparse:POLICY@BUDGET  (SparseHeadCache; budget a fraction like 0.2 or a token count like 512)",
+        r"([a-z][a-z0-9_]*)@(\d+(?:\.\d*)?)((?:,[a-z]+\d*)*)",
+        lambda m: {"policy": m[1], "budget": _budget(m[2]), **_flags(m[3], _SPARSE_FLAGS)},
+        "sparse:POLICY@BUDGET[,wW][,recR][,ivI][,reconstruct]  (SparseHeadCache; budget a fraction like 0.2 or a "
+        "token count like 512; observation window, exact recent tokens, decode steps between evictions; scorer)",
     ),
     "unified": (
         r"(?:k(\d+)v(\d+)/k(\d+)v(\d+)|([a-z][\w-]*))((?:,[a-z]+[\d.]*)*)",
@@ -85,10 +90,10 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
             **({"preset": m[5]} if m[5] else {"high": (int(m[1]), int(m[2])), "low": (int(m[3]), int(m[4]))}),
             **_flags(m[6], _UNIFIED_FLAGS),
         },
-        "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG][,prP][,rankR][,bufB][,ivI][,POLICY]  "
-        "(UnifiedLeanCache: a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; group size; prune "
-        "ratio; key rank; exact buffer; decode steps between compactions; a sparse policy instead of the "
-        "thresholds, e.g. adakv)",
+        "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG][,prP][,lrL][,rankR][,bufB][,ivI][,POLICY]"
+        "[,SCORER]  (UnifiedLeanCache: a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; group "
+        "size; prune ratio; low-tier ratio; key rank; exact buffer; decode steps between compactions; a sparse "
+        "policy instead of the thresholds, e.g. adakv; scorer: window or reconstruct)",
     ),
 }
 

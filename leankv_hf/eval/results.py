@@ -56,10 +56,12 @@ def drop_partial_line(path: str | Path) -> None:
         os.truncate(path, keep)
 
 
-def append_row(path: str | Path, row: dict) -> None:
-    """Append one row as a single line, durably (flush + fsync)."""
+def append_rows(path: str | Path, rows: list[dict]) -> None:
+    """Append rows, each as a single line, in one durable write (flush + fsync). An interrupted write leaves
+    whole lines and at most one partial last line; the rows of an example missing any of its lines are run again
+    (the first copy of a row is the one read)."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
 

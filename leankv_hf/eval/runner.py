@@ -1,11 +1,17 @@
 """Run a task's examples through a model with each cache method and record one row per (method, example).
 
-Greedy decoding, a fresh cache per example. Two settings:
+Greedy decoding, a fresh cache per example. Three settings:
 
 * ``query_aware``: the whole prompt goes through ``model.generate``; a compressing cache sees the question.
 * ``query_agnostic``: the context alone is prefilled first (compressing caches compress here, before the
   question exists), then ``generate`` gets the full prompt and feeds only the tokens the cache has not seen
   (``get_seq_length`` counts tokens seen, evicted ones included).
+* ``reuse``: as ``query_agnostic``, then every follow-up question of the example is asked in turn on the same
+  cache, each answer staying in it (a conversation about one compressed document). Each question is a row, its
+  task suffixed with its place (``needle (question 2)``), so damage from earlier answers to later ones shows.
+
+``prefill_chunk`` prefills N tokens per forward (compressing caches compact after each chunk); its rows carry the
+method's name with `` [prefill chunk N]``.
 
 Bytes are measured twice: right after the prompt (``prefill_cache_bytes``: a cache may hold everything until
 it compacts) and at the end (``cache_bytes`` and ``dense_bytes``, measured together, giving ``ratio``: the
@@ -32,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..prefill import prefill
 from . import results
 from .methods import Spec, make_cache, method_label, parse_method
 from .report import Summary, summarize, write_report
@@ -39,7 +46,7 @@ from .tasks.base import Example, ScoredTask, encode, truncate_middle
 from .tasks.perplexity import PerplexityTask, teacher_forced
 from .timing import clock
 
-SETTINGS = ("query_aware", "query_agnostic")
+SETTINGS = ("query_aware", "query_agnostic", "reuse")
 
 
 def _nbytes(cache: Cache) -> dict:
@@ -80,14 +87,16 @@ def _generate(
     cache: Cache,
     setting: str,
     max_new_tokens: int,
+    prefill_chunk: int | None = None,
 ) -> dict:
+    """One greedy answer to ``ids``; with ``setting="query_agnostic"`` its first ``split`` tokens (the context) are
+    prefilled into the cache alone first. A cache already holding a prefix of ``ids`` continues it."""
     device = model.device
     tokens = torch.tensor([ids], device=device)
     probe = _PromptProbe(cache, device)
     start = clock(device)
-    if setting == "query_agnostic":
-        # Leave at least one token for generate to feed, even when the question is empty.
-        model(input_ids=tokens[:, : min(split, len(ids) - 1)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if setting == "query_agnostic":  # leave at least one token for generate to feed, even when the question is empty
+        prefill(model, cache, tokens[:, : min(split, len(ids) - 1)], chunk_size=prefill_chunk)
     out = model.generate(
         input_ids=tokens,
         attention_mask=torch.ones_like(tokens),
@@ -96,10 +105,12 @@ def _generate(
         do_sample=False,
         logits_processor=LogitsProcessorList([probe]),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        prefill_chunk_size=prefill_chunk,
     )
     end = clock(device)
     new = out[0, len(ids) :]
     return {
+        "output_ids": out[0].tolist(),
         "prediction": tokenizer.decode(new, skip_special_tokens=True),
         **_nbytes(cache),
         "prefill_cache_bytes": probe.prefill_cache_bytes,
@@ -135,8 +146,10 @@ def evaluate_example(
     spec: Spec,
     setting: str,
     max_new_tokens: int | None = None,
-) -> dict:
-    """One row: run ``example`` through a fresh ``spec`` cache and score it."""
+    prefill_chunk: int | None = None,
+) -> list[dict]:
+    """Run ``example`` through a fresh ``spec`` cache and score it: one row, or with ``setting="reuse"`` one per
+    question, asked in turn on the same cache."""
     ids, split = encode(tokenizer, example)
     limit = max_new_tokens or example.max_new_tokens
     context = getattr(model.config, "max_position_embeddings", None)
@@ -144,14 +157,29 @@ def evaluate_example(
         ids, split = truncate_middle(ids, split, context - limit)
     cache = make_cache(spec, model)
     if isinstance(task, PerplexityTask):
-        measured = _perplexity(model, ids, split, cache, spec)
-    else:
-        measured = _generate(model, tokenizer, ids, split, cache, setting, limit)
-        measured["score"] = task.score(example, measured["prediction"])
+        return [_row(example, spec, setting, prefill_chunk, ids, _perplexity(model, ids, split, cache, spec))]
+    asked = example.questions() if setting == "reuse" else [example]
+    rows, mode = [], "query_aware" if setting == "query_aware" else "query_agnostic"
+    for place, question in enumerate(asked, start=1):
+        if place > 1:  # the conversation so far (with the last answer), then the next question
+            ids = rows[-1]["output_ids"]
+            ids, split = ids + tokenizer(question.question, add_special_tokens=False).input_ids, len(ids)
+        measured = _generate(model, tokenizer, ids, split, cache, mode, limit, prefill_chunk)
+        measured["score"] = task.score(question, measured["prediction"])
+        rows.append(_row(question, spec, setting, prefill_chunk, ids, measured))
+        mode = "query_aware"  # the cache holds the conversation: generate feeds the rest
+        if len(asked) > 1:
+            rows[-1]["task"] = f"{question.task} (question {place})"
+    for row in rows:
+        row.pop("output_ids", None)
+    return rows
+
+
+def _row(example: Example, spec: Spec, setting: str, prefill_chunk: int | None, ids: list[int], measured: dict):
     dense = measured["dense_bytes"]
     return {
         "task": example.task,
-        "method": method_label(spec),
+        "method": method_label(spec) + (f" [prefill chunk {prefill_chunk}]" if prefill_chunk else ""),
         "setting": setting,
         "id": example.id,
         "metadata": example.metadata,
@@ -174,6 +202,7 @@ def run_eval(
     setting: str = "query_aware",
     max_new_tokens: int | None = None,
     state=None,
+    prefill_chunk: int | None = None,
 ) -> Summary:
     """Evaluate every method on the task's first ``limit`` examples, resuming from the rows already in
     ``out_dir``; writes ``rows.jsonl``, ``summary.json``, ``summary.md`` and plots, and returns the summary.
@@ -195,10 +224,17 @@ def run_eval(
     results.drop_partial_line(path)
     done = {results.row_key(row) for row in results.all_rows(out_dir)}
     examples = task.examples(tokenizer, seed)[:limit][state.process_index :: state.num_processes]
-    todo = [(e, s) for e in examples for s in methods if (method_label(s), setting, e.id) not in done]
+    suffix = f" [prefill chunk {prefill_chunk}]" if prefill_chunk else ""
+
+    def finished(example: Example, spec: Spec) -> bool:
+        asked = example.questions() if setting == "reuse" else [example]
+        return all((method_label(spec) + suffix, setting, q.id) in done for q in asked)
+
+    todo = [(e, s) for e in examples for s in methods if not finished(e, s)]
     for example, spec in tqdm(todo, desc=f"{task.name} ({setting})", disable=not state.is_local_main_process):
         torch.manual_seed(seed)
-        results.append_row(path, evaluate_example(model, tokenizer, task, example, spec, setting, max_new_tokens))
+        rows = evaluate_example(model, tokenizer, task, example, spec, setting, max_new_tokens, prefill_chunk)
+        results.append_rows(path, rows)
     state.wait_for_everyone()
     if state.is_main_process:
         summary = write_report(results.merge_shards(out_dir), out_dir)

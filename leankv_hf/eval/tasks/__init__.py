@@ -2,16 +2,24 @@
 
 from .base import Example, ScoredTask, Task, encode, fit_length, truncate_middle
 from .longbench import LongBenchTask
+from .needle import NeedleTask
 from .passkey import PasskeyTask, load_passkey_file
 from .perplexity import PerplexityTask, teacher_forced
 from .ruler import RulerTask
 
-TASKS = {"passkey": PasskeyTask, "ruler": RulerTask, "longbench": LongBenchTask, "perplexity": PerplexityTask}
+TASKS = {
+    "passkey": PasskeyTask,
+    "needle": NeedleTask,
+    "ruler": RulerTask,
+    "longbench": LongBenchTask,
+    "perplexity": PerplexityTask,
+}
 
 __all__ = [
     "TASKS",
     "Example",
     "LongBenchTask",
+    "NeedleTask",
     "PasskeyTask",
     "PerplexityTask",
     "RulerTask",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -30,10 +30,18 @@ class Example:
     answers: tuple[str, ...]
     max_new_tokens: int
     metadata: dict = field(default_factory=dict)
+    followups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # more (question, answers) about the same context
 
     @property
     def prompt(self) -> str:
         return self.context + self.question
+
+    def questions(self) -> list[Example]:
+        """The example and each follow-up question as an example of its own (same context), in order."""
+        asked = [self] if not self.followups else [replace(self, id=f"{self.id}/q1", followups=())]
+        for i, (question, answers) in enumerate(self.followups, start=2):
+            asked.append(replace(self, id=f"{self.id}/q{i}", question=question, answers=answers, followups=()))
+        return asked
 
 
 class Task(Protocol):

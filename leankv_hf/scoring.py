@@ -1,0 +1,160 @@
+"""Importance: which queries' attention becomes a stored token's score, and when.
+
+A policy ranks tokens by score; a scorer decides what the score measures. Two kinds:
+
+* `ObservationWindow` (SnapKV, the default): inside a prompt's own forward, its last ``window`` queries report the
+  attention each token received; decode queries keep adding to it (a running mean). Cheap, and right when the
+  question is at the end of the prompt. When it is not (a context compressed before the question exists: a chat's
+  next turn, a document asked many questions, a reused prefix, a chunked prefill), it measures what the context's
+  own end needs, and loses what a later question will need.
+* `ContextReconstruction` (KVzip's idea, arXiv 2505.23416): question-agnostic. After each prompt (or prefill chunk) the
+  cache re-reads it in a probe pass: the prompt's tokens again, teacher-forced (optionally behind a short
+  instruction). To reproduce a token the model must attend to it, so a token's score is the most attention any
+  re-reading query gave it (over the query heads of its KV head). The probe goes a chunk at a time; each chunk's
+  queries attend to what the layer holds up to the chunk's end (after a long prompt: the exact prompt so far; in a
+  chunked prefill: the compressed past and the current chunk) and to themselves. The pass runs the prompt's tokens
+  once more through the model, and its keys and values are never stored.
+
+Scores from a probe are maxima, so later observations fold in by ``max`` (`Scorer.reduce`); the observation window's
+are means of attention per query, which LeanKV's thresholds (``alpha / context``) compare against.
+
+The probe needs the model: a forward hook on the decoder (`attention.use_leankv_attention` installs it) hands it to
+the cache right after a prompt's forward; the cache runs the probe, then compacts. Data still flows one way: attention -> scores -> policy
+-> store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+REDUCTIONS = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Base: how a token's score is measured. ``reduce`` folds new observations into it (see `store.fold_scores`)."""
+
+    name = "base"
+    reduce = "mean"
+    probes = False  # whether scores come from a probe pass after a prompt's forward
+
+    def queries(self, query_length: int) -> int:
+        """How many of a forward's newest queries report their attention from inside it."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ObservationWindow(Scorer):
+    """The last ``window`` queries of each prompt score it; every decode query adds to the scores (mean)."""
+
+    window: int = 32
+    name = "window"
+
+    def __post_init__(self):
+        _positive_int("window", self.window)
+
+    def queries(self, query_length: int) -> int:
+        return min(self.window, query_length)
+
+
+@dataclass(frozen=True)
+class ContextReconstruction(Scorer):
+    """Question-agnostic scores from re-reading each prompt (KVzip). ``chunk``: prompt tokens one probe forward
+    re-reads and the cache then compacts (its transient attention is ``chunk x (kept + chunk)`` per query head);
+    ``instruction``: token ids placed before the re-read tokens (e.g. the tokenization of "Repeat the previous
+    context exactly."); empty: plain repetition. Decode queries fold in by max."""
+
+    chunk: int = 512
+    instruction: tuple[int, ...] = field(default=())
+    name = "reconstruct"
+    reduce = "max"
+    probes = True
+
+    def __post_init__(self):
+        _positive_int("chunk", self.chunk)
+        object.__setattr__(self, "instruction", tuple(self.instruction))
+        if not all(isinstance(i, int) and i >= 0 for i in self.instruction):
+            raise ValueError(f"instruction={self.instruction!r} must be token ids (ints >= 0)")
+
+    def queries(self, query_length: int) -> int:
+        return query_length if query_length == 1 else 0  # prompts are scored by the probe
+
+    @torch.inference_mode()
+    def score(self, cache, decoder: torch.nn.Module, tokens: dict, attention_mask: torch.Tensor | None) -> None:
+        """Re-read the pending tokens of every compressing layer of ``cache`` through ``decoder``, a chunk at a time,
+        then let the layers compact them. ``tokens``: the forward's ``input_ids`` or ``inputs_embeds`` (its pending
+        tokens are the last ones)."""
+        layers = cache.pending_layers()
+        first = layers[0]
+        name, new = next(iter(tokens.items()))
+        new = new[:, -first.pending :]
+        batch, device = new.shape[0], new.device
+        instruction = torch.tensor(self.instruction, dtype=torch.long, device=device).expand(batch, -1)
+        if name == "inputs_embeds" and self.instruction:
+            instruction = decoder.get_input_embeddings()(instruction)
+        instructed = torch.ones(batch, len(self.instruction), dtype=torch.bool, device=device)
+        real = (first.seen - first.padding)[:, None]  # real tokens so far per row: the probe's positions follow them
+        mask = attention_mask
+        start = first.keys.shape[-2] - first.pending
+        for chunk in new.split(self.chunk, 1):
+            stop = start + chunk.shape[1]
+            valid = torch.cat([instructed, first.recent_valid[:, start:stop]], 1)
+            inputs = torch.cat([instruction, chunk], 1)
+            positions = real + torch.arange(inputs.shape[1], device=device)
+            if attention_mask is not None:  # what the decoder's own masks (sliding layers) see: prompt, then probe
+                mask = torch.cat([attention_mask, valid.to(attention_mask.dtype)], 1)
+            with cache.probing(Probe(start, stop, valid)):
+                decoder(**{name: inputs}, position_ids=positions, attention_mask=mask, past_key_values=cache)
+            start = stop
+        for layer in layers:
+            layer.settle()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe forward in progress: it re-reads window tokens ``[start, stop)``; ``valid[B, P]`` marks its real
+    tokens (instruction, and re-read tokens that are not padding)."""
+
+    start: int
+    stop: int
+    valid: torch.Tensor
+
+
+SCORERS: dict[str, type[Scorer]] = {"window": ObservationWindow, "reconstruct": ContextReconstruction}
+
+
+def make_scorer(spec: str | dict | Scorer, window: int = 32) -> Scorer:
+    """A scorer from its name, a dict ``{"name": ..., option: value}``, or a `Scorer` as given. The observation
+    window takes ``window`` unless the dict sets it."""
+    if isinstance(spec, Scorer):
+        return spec
+    options = {"name": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else None
+    if options is None or options.get("name") not in SCORERS:
+        raise ValueError(
+            f"scorer={spec!r}: choose one of {sorted(SCORERS)} (a name, or a dict with 'name' and options)"
+        )
+    cls = SCORERS[options.pop("name")]
+    if cls is ObservationWindow:
+        options.setdefault("window", window)
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"scorer {cls.name!r} takes {sorted(allowed) or 'no options'}, not {unknown}")
+    return cls(**options)
+
+
+def scorer_spec(scorer: Scorer) -> str | dict:
+    """The YAML-friendly form `make_scorer` reads back: the name alone when the options are the defaults (the
+    observation window's size lives in the cache's own ``window`` setting)."""
+    if isinstance(scorer, ObservationWindow):
+        return scorer.name
+    changed = {f.name: getattr(scorer, f.name) for f in fields(scorer) if getattr(scorer, f.name) != f.default}
+    changed = {name: list(value) if isinstance(value, tuple) else value for name, value in changed.items()}
+    return {"name": scorer.name, **changed} if changed else scorer.name
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an int >= 1")

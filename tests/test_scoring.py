@@ -1,0 +1,207 @@
+"""Tests for question-agnostic scoring (`scoring.ContextReconstruction`): the probe's scores against a reference computed
+with transformers' eager attention, nothing of the probe stored, exactness at budget 1.0 on every architecture and
+every way `generate` feeds a prompt (left padding, later turns, chunked prefill), and a context compressed before
+its question still answering it on the embedded model where the observation window loses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import BATCH_PROMPTS, TINY_PROMPT, generate, lively
+from transformers import DynamicCache
+
+from leankv_hf import SparseHeadCache, UnifiedLeanCache
+from leankv_hf.caches.layer import LeanLayer
+from leankv_hf.scoring import ContextReconstruction, ObservationWindow, make_scorer, scorer_spec
+from leankv_hf.testing import ARCHITECTURES, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def lean_layers(cache) -> list[LeanLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, LeanLayer)]
+
+
+def record_scores(monkeypatch) -> list[torch.Tensor]:
+    """The window's scores of every layer when it compacts (right after the probe, before the policy ranks)."""
+    seen = []
+    compact = LeanLayer.compact
+
+    def spy(self):
+        seen.append(self.recent_scores.clone())
+        compact(self)
+
+    monkeypatch.setattr(LeanLayer, "compact", spy)
+    return seen
+
+
+@torch.inference_mode()
+def reference_scores(model, ids: torch.Tensor, chunk: int, sink: int) -> list[torch.Tensor]:
+    """KVzip's scores from transformers' eager attention: the prompt in a DynamicCache; each chunk re-read after the
+    prompt up to the chunk's end, at the positions that follow the whole prompt; a token's score is the most attention
+    it gets from the re-reading queries (max over the query heads of its KV head) under a softmax over the sinks, the
+    chunk and the re-reading tokens only."""
+    model.set_attn_implementation("eager")
+    n = ids.shape[1]
+    heads = model.config.num_key_value_heads
+    groups = model.config.num_attention_heads // heads
+    prompt = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=prompt)
+    scores = [torch.zeros(1, heads, n) for _ in range(model.config.num_hidden_layers)]
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        cache = DynamicCache(config=model.config)  # the prompt up to the chunk's end: later chunks await their turn
+        for i, layer in enumerate(prompt.layers):
+            cache.update(layer.keys[:, :, :b].clone(), layer.values[:, :, :b].clone(), i)
+        out = model(
+            input_ids=ids[:, a:b],
+            past_key_values=cache,
+            position_ids=torch.arange(n, n + b - a)[None],
+            output_attentions=True,
+        )
+        columns = torch.cat([torch.arange(min(sink, a)), torch.arange(a, b), torch.arange(b, 2 * b - a)])
+        for i, probs in enumerate(out.attentions):
+            kept = probs[0][:, :, columns]
+            kept = kept / kept.sum(-1, keepdim=True)
+            span = kept[:, :, min(sink, a) : min(sink, a) + b - a].view(heads, groups, b - a, b - a)
+            scores[i][0, :, a:b] = span.amax((1, 2))
+    model.set_attn_implementation("sdpa")
+    return scores
+
+
+def test_probe_scores_match_eager_attention(tiny_tok, monkeypatch):
+    model = lively("llama")
+    ids = tiny_tok([TINY_PROMPT[:150]], return_tensors="pt").input_ids
+    expected = reference_scores(model, ids, chunk=64, sink=4)
+    seen = record_scores(monkeypatch)
+    scorer = ContextReconstruction(chunk=64)
+    cache = SparseHeadCache(model, budget=0.5, scorer=scorer, storage_dtype=torch.float32, recent=8)
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache)
+    assert len(seen) == model.config.num_hidden_layers
+    for got, want in zip(seen, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert all(0 < float(got.max()) <= 1 for got in seen)
+
+
+def test_probe_stores_nothing_and_the_prompt_is_compressed(tiny_tok):
+    model = lively("llama")
+    ids = tiny_tok([TINY_PROMPT], return_tensors="pt").input_ids
+    cache = SparseHeadCache(model, budget=0.25, scorer="reconstruct", recent=8)
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache)
+    n = ids.shape[1]
+    assert cache.get_seq_length() == n
+    for layer in lean_layers(cache):
+        assert layer.pending == 0 and layer.probe is None
+        assert layer.keys.shape[-2] == 8  # the window after compaction: the probe's tokens are not in it
+        assert (layer.kept_tokens().float().mean() <= -(-n // 4) + 1).all()
+        positions = torch.cat([tier.positions for tier in layer.tiers])
+        assert int(positions.max()) < n  # no stored row sits past the prompt
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_full_budget_matches_dynamic_cache(arch, tiny_tok):
+    model = lively(arch)
+    inputs = tiny_tok(BATCH_PROMPTS, return_tensors="pt", padding=True)
+    ref = generate(model, inputs, DynamicCache(config=model.config))
+    for cache in (
+        SparseHeadCache(model, budget=1.0, scorer="reconstruct", storage_dtype=torch.float32, recent=8, interval=4),
+        UnifiedLeanCache(
+            model,
+            high=(16, 16),
+            low=(16, 16),
+            policy="adakv",
+            scorer="reconstruct",
+            buffer=8,
+            interval=4,
+            storage_dtype="float32",
+        ),
+    ):
+        assert torch.equal(generate(model, inputs, cache), ref)
+
+
+def test_later_turns_and_chunked_prefill(tiny_tok):
+    """A context compressed before its question: the context alone, then context + question through generate
+    (a later turn into a compressed cache), and a chunked prefill; each prompt is probed and compacted."""
+    model = lively("llama")
+    context = tiny_tok([TINY_PROMPT * 2], return_tensors="pt").input_ids
+    question = tiny_tok([" What jumps over the dog?"], return_tensors="pt").input_ids
+    ids = torch.cat([context, question], 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ref = generate(model, inputs, DynamicCache(config=model.config))
+
+    def exact():
+        return SparseHeadCache(model, budget=1.0, scorer="reconstruct", storage_dtype=torch.float32, recent=8)
+
+    cache = exact()
+    with torch.inference_mode():
+        model(input_ids=context, past_key_values=cache)
+    assert torch.equal(generate(model, inputs, cache), ref)
+    assert torch.equal(generate(model, inputs, exact(), prefill_chunk_size=64), ref)
+
+    cache = SparseHeadCache(model, budget=0.25, scorer="reconstruct", recent=8)
+    with torch.inference_mode():
+        model(input_ids=context, past_key_values=cache)
+    kept = cache.kept_tokens().float().mean()
+    out = generate(model, inputs, cache)
+    assert cache.get_seq_length() == out.shape[1] - 1
+    assert cache.kept_tokens().float().mean() <= kept + question.shape[1] + 16
+
+
+def test_a_model_without_the_hook_raises(tiny_tok):
+    model = lively("llama")
+    cache = SparseHeadCache(model, budget=0.5, scorer="reconstruct")
+    model.get_decoder()._forward_hooks.clear()
+    with pytest.raises(RuntimeError, match="use_leankv_attention"):
+        generate(model, tiny_tok([TINY_PROMPT], return_tensors="pt"), cache, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "build, named",
+    [
+        (lambda m: SparseHeadCache(m, scorer="kvzip"), "scorer='kvzip'"),
+        (lambda m: SparseHeadCache(m, scorer={"name": "reconstruct", "chunks": 4}), r"\['chunks'\]"),
+        (lambda m: SparseHeadCache(m, scorer={"name": "reconstruct", "chunk": 0}), "chunk=0"),
+        (lambda m: SparseHeadCache(m, policy="threshold", scorer="reconstruct"), "ranking policy"),
+        (lambda m: SparseHeadCache(m, policy="quest", scorer="reconstruct"), "evicts nothing"),
+        (lambda m: UnifiedLeanCache(m, group_size=16, scorer="reconstruct"), "ranking policy"),
+        (lambda m: UnifiedLeanCache(m, group_size=16, policy="adakv", prune_ratio=0.8, low_ratio=0.2), "low_ratio=0.2"),
+        (lambda m: UnifiedLeanCache(m, group_size=16, low_ratio=0.1), "low_ratio splits"),
+    ],
+)
+def test_bad_scorer_settings_raise_at_construction(build, named):
+    with pytest.raises(ValueError, match=named):
+        build(tiny_model("llama"))
+
+
+def test_scorer_specs_round_trip():
+    for scorer in (ObservationWindow(), ContextReconstruction(), ContextReconstruction(chunk=128, instruction=(5, 6))):
+        assert make_scorer(scorer_spec(scorer), window=32) == scorer
+    assert scorer_spec(ContextReconstruction()) == "reconstruct"
+    assert scorer_spec(ContextReconstruction(chunk=128)) == {"name": "reconstruct", "chunk": 128}
+
+
+@pytest.mark.slow
+def test_compressed_before_the_question_still_answers_on_smollm2(smollm2):
+    """A pass key in filler, compressed to a tenth before the question arrives: the observation window keeps what
+    the context's end needs and loses the key; the reconstruction scores keep it."""
+    model, tok = smollm2
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    needle = "The pass key is 58213. Remember it. 58213 is the pass key. "
+    head = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+    context = tok(head + filler * 14 + needle + filler * 14, return_tensors="pt").input_ids
+    question = tok("\nWhat is the pass key? The pass key is", add_special_tokens=False, return_tensors="pt").input_ids
+    ids = torch.cat([context, question], 1)
+    answers = {}
+    try:
+        for scorer in ("window", "reconstruct"):
+            cache = SparseHeadCache(model, budget=0.1, scorer=scorer)
+            with torch.inference_mode():
+                model(input_ids=context, past_key_values=cache)
+            out = generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cache, max_new_tokens=6)
+            answers[scorer] = tok.decode(out[0, ids.shape[1] :])
+            assert cache.compression_ratio() > 4  # float32 model: 16-bit rows of a tenth of the tokens
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert "58213" in answers["reconstruct"] and "58213" not in answers["window"], answers
