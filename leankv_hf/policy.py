@@ -72,10 +72,14 @@ class Policy:
         raise NotImplementedError
 
     def assign(self, c: Candidates) -> torch.Tensor:
+        """Tiers for ``c``: sinks at tier 0, padding pruned, the rest by `tier_of`. A token whose score is not a
+        number (a NaN key or value in the model poisons the attention it receives) ranks below every real score: it
+        is kept only where the budget exceeds the tokens with real scores."""
         free = c.valid & ~c.sink
         sinks = (c.sink & c.valid).sum(-1).amax(-1)
+        scores = c.scores.masked_fill(~free | c.scores.isnan(), float("-inf"))
         masked = Candidates(
-            scores=self.pooled(c.scores.masked_fill(~free, float("-inf")), c.positions),
+            scores=self.pooled(scores, c.positions),
             positions=c.positions,
             valid=free,
             sink=c.sink,

@@ -102,7 +102,7 @@ class ContextReconstruction(Scorer):
             stop = start + chunk.shape[1]
             valid = torch.cat([instructed, first.recent_valid[:, start:stop]], 1)
             inputs = torch.cat([instruction, chunk], 1)
-            positions = real + torch.arange(inputs.shape[1], device=device)
+            positions = real + (valid.cumsum(1) - 1).clamp(min=0)  # a row's padding takes no positions
             if attention_mask is not None:  # what the decoder's own masks (sliding layers) see: prompt, then probe
                 mask = torch.cat([attention_mask, valid.to(attention_mask.dtype)], 1)
             with cache.probing(Probe(start, stop, valid)):

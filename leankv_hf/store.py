@@ -42,7 +42,7 @@ class Precision:
     def __post_init__(self):
         if self.bits not in BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; choose one of {BITS}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size={self.group_size!r} must be a positive int")
         if self.axis not in AXES:
             raise ValueError(f"axis={self.axis!r} is not supported; choose one of {AXES}")

@@ -172,7 +172,11 @@ class HeteroConfig:
     storage_dtype: torch.dtype | None = None
 
     def __post_init__(self):
-        if not isinstance(self.residual_length, int) or self.residual_length < 0:
+        if (
+            isinstance(self.residual_length, bool)
+            or not isinstance(self.residual_length, int)
+            or self.residual_length < 0
+        ):
             raise ValueError(f"residual_length={self.residual_length!r} must be an int >= 0")
         if self.eight_bit not in ("int", "fp8"):
             raise ValueError(f"eight_bit={self.eight_bit!r}: choose 'int' (int8 codes) or 'fp8' (e4m3)")

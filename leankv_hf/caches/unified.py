@@ -74,12 +74,11 @@ class LeanKVConfig:
     storage_dtype: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "high", tuple(self.high))
-        object.__setattr__(self, "low", tuple(self.low))
         for name in ("high", "low"):
             pair = getattr(self, name)
-            if len(pair) != 2:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"{name}={pair!r} must be (key_bits, value_bits)")
+            object.__setattr__(self, name, tuple(pair))
             for bits in pair:
                 Precision(bits, self.group_for(64))  # validates bits and group size
         if not 0 <= self.alpha_prune <= self.alpha_quant:

@@ -16,6 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ROWS = "rows.jsonl"
+TEMPORARY = ".partial"  # the suffix of a file being written (`write_atomic`); a killed run can leave one behind
 
 Key = tuple[str, str, str]
 
@@ -42,6 +43,12 @@ def read_rows(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             log.warning("%s:%d: unreadable row ignored (it will be recomputed)", path, number)
     return rows
+
+
+def remove_partial_files(out_dir: str | Path) -> None:
+    """Delete what a run killed inside `write_atomic` left: its temporary files (never read)."""
+    for path in Path(out_dir).glob(f".*{TEMPORARY}"):
+        path.unlink(missing_ok=True)
 
 
 def drop_partial_line(path: str | Path) -> None:
@@ -91,7 +98,7 @@ def merge_shards(out_dir: str | Path) -> list[dict]:
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write through a temporary file in the same directory and ``os.replace`` it: readers never see half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)

@@ -221,6 +221,8 @@ def run_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results.shard_path(out_dir, state.process_index, state.num_processes)
+    if state.is_main_process:
+        results.remove_partial_files(out_dir)
     results.drop_partial_line(path)
     done = {results.row_key(row) for row in results.all_rows(out_dir)}
     examples = task.examples(tokenizer, seed)[:limit][state.process_index :: state.num_processes]
