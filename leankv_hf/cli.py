@@ -34,7 +34,9 @@ def _generate(args: argparse.Namespace) -> int:
     saved = None if args.cache_dir is None else _saved_class(args.cache_dir)  # checked before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if saved is not None:  # a compressed context: the prompt continues it
+        start = time.perf_counter()
         cache = saved.from_pretrained(args.cache_dir, model=model)
+        print(f"[{args.cache_dir}] loaded in {time.perf_counter() - start:.2f}s")
         if cache.input_ids is None:
             raise ValueError(f"{args.cache_dir} was saved without its token ids; save it with `leankv compress`")
         new = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids

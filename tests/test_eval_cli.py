@@ -139,3 +139,22 @@ def test_shipped_suites_are_valid(suite):
 
 def test_suites_are_shipped():
     assert {"quick.yaml", "passkey_peers.yaml", "bench.yaml", "hetero_kl.yaml"} <= {p.name for p in SUITES}
+
+
+def test_bench_peak_memory_follows_what_the_cache_keeps(tmp_path):
+    """Peak resident memory (a fresh process per method) with a chunked prefill: the full cache's peak covers its
+    stored bytes; a cache keeping a tenth of the tokens peaks far below it, because it compacts after each chunk."""
+    from leankv_hf.eval.bench import run_bench
+
+    shapes = dict(head_dim=64, num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=8)
+    model, tokenizer = tiny_model(**shapes), tiny_tokenizer()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    spec = "sparse:adakv@0.1"
+    rows = run_bench(model, tokenizer, [spec], [2048], 2, 1, prefill_chunk=256, rss_of=str(tmp_path))
+    full, sparse = sorted(rows, key=lambda r: r.method != "full")
+    assert full.peak_memory_bytes >= 0.9 * full.cache_bytes > 0
+    assert sparse.peak_memory_bytes < 0.4 * full.peak_memory_bytes
+    assert {r.prefill_chunk for r in rows} == {256}
+    with pytest.raises(ValueError, match="prefill_chunk=0"):
+        run_bench(model, tokenizer, [spec], [64], 2, 1, prefill_chunk=0)

@@ -140,6 +140,9 @@ def test_quickstart_runs(tmp_path, kernel_specs):
     assert by_name["QuantizedHeteroCache K4V2"]["nbytes"] < by_name["QuantizedHeteroCache K8V4"]["nbytes"]
     assert kept_shape == [30, 1, 3] and tiers_shape == [30, 1, 3, 3]
     assert "| cache | output | key found |" in out and "head 2: keeps" in out
+    assert "context tokens compressed once" in out and "saved and reloaded in" in out
+    answers = [line for line in out.splitlines() if line.startswith(("pass key: ", "city: ", "name: "))]
+    assert len(answers) == 3 and all(line.endswith(("(found)", "(missed)")) for line in answers), answers
     assert list(tmp_path.iterdir()) == []  # the quickstart writes no files
 
 

@@ -2,7 +2,9 @@
 
 For each method and context length: prefill a seeded passkey-style prompt of exactly that many tokens into a
 fresh cache, decode greedily one token at a time, and measure the stored bytes after the prefill and after the
-decode steps (against a 16-bit dense cache of the same tokens).
+decode steps (against a 16-bit dense cache of the same tokens), and the peak memory the prefill and decode take
+above what the same method takes for a 64-token prompt (so one-time costs, such as kernel compilation, cancel): on
+CUDA the allocator's peak, on CPU (``peak_rss``) the peak resident set of a fresh process per method and length.
 Times are medians over repeats and are also given relative to ``full`` (a ``DynamicCache``) measured in the same
 run at the same length, which is always included. Every output file starts with how and where it was measured.
 """
@@ -12,10 +14,13 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import json
+import os
 import platform
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -25,6 +30,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..prefill import prefill
 from .methods import Spec, make_cache, method_label, parse_method
 from .report import markdown_table, pyplot, save_png
 from .results import write_atomic
@@ -45,7 +51,8 @@ class BenchRow:
     decode_ms_per_token: float  # median over repeats
     prefill_vs_full: float
     decode_vs_full: float
-    peak_memory_bytes: int | None  # CUDA only: peak allocated during prefill + decode, above the starting point
+    peak_memory_bytes: int | None  # prefill + decode, above the 64-token peak; CPU: only with ``peak_rss``
+    prefill_chunk: int | None  # tokens per prefill forward (None: the whole prompt in one)
 
 
 def bench_prompt(tokenizer: PreTrainedTokenizerBase, length: int, seed: int = 0) -> list[int]:
@@ -58,9 +65,15 @@ def bench_prompt(tokenizer: PreTrainedTokenizerBase, length: int, seed: int = 0)
     return ids[:length]
 
 
+SMALL = 64  # tokens of the prompt whose peak memory is each method's baseline
+
+
 @torch.inference_mode()
-def _measure(model: PreTrainedModel, ids: list[int], spec: Spec, decode_tokens: int) -> dict:
-    """One repeat: prefill into a fresh cache, read its bytes, decode ``decode_tokens`` greedy tokens."""
+def _measure(
+    model: PreTrainedModel, ids: list[int], spec: Spec, decode_tokens: int, prefill_chunk: int | None = None
+) -> dict:
+    """One repeat: prefill into a fresh cache (``prefill_chunk`` tokens per forward), read its bytes, decode
+    ``decode_tokens`` greedy tokens."""
     from leankv_hf.monitor import cache_nbytes, dense_nbytes
 
     device = model.device
@@ -72,6 +85,9 @@ def _measure(model: PreTrainedModel, ids: list[int], spec: Spec, decode_tokens: 
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = clock(device)
+    if prefill_chunk is not None and tokens.shape[1] > 1:  # all but the last token in chunks; it gives the logits
+        prefill(model, cache, tokens[:, :-1], chunk_size=prefill_chunk)
+        tokens = tokens[:, -1:]
     logits = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     prefill_s = clock(device) - start
     after_prompt = cache_nbytes(cache)
@@ -92,6 +108,53 @@ def _measure(model: PreTrainedModel, ids: list[int], spec: Spec, decode_tokens: 
     }
 
 
+def _resident_kib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _resident_peak(run) -> int:
+    """Bytes the resident set grows by at its highest while ``run()`` runs."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _resident_kib("VmRSS")
+    run()
+    return 1024 * (_resident_kib("VmHWM") - before)
+
+
+def peak_rss(
+    model_name: str, dtype: str | None, spec: Spec, ids: list[int], decode_tokens: int, prefill_chunk: int | None
+) -> int:
+    """Peak resident memory of one ``_measure`` of ``ids`` above that of a ``SMALL``-token prompt, both in one fresh
+    process (CPU; Linux). The allocator returns every large buffer at once (a fixed mmap threshold), so the
+    resident set follows the live tensors rather than what malloc keeps."""
+    job = dict(model=model_name, dtype=dtype, spec=spec, ids=ids, decode=decode_tokens, chunk=prefill_chunk)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "leankv_hf.eval.bench"], input=json.dumps(job), env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory process for {method_label(spec)} failed:\n{done.stderr[-3000:]}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_job() -> None:
+    """The process `peak_rss` starts: the job as JSON on stdin, the peak in bytes on the last line of stdout."""
+    from leankv_hf.models import load_model
+
+    job = json.loads(sys.stdin.read())
+    model, _ = load_model(job["model"], dtype=job["dtype"])
+    ids, spec = job["ids"], job["spec"]
+
+    def measure(tokens):
+        return lambda: _measure(model, tokens, spec, job["decode"], job["chunk"])
+
+    measure(ids[:SMALL])()  # first calls compile kernels and allocate pools: outside both measurements
+    small = _resident_peak(measure(ids[:SMALL]))
+    print(_resident_peak(measure(ids)) - small)
+
+
 def run_bench(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -100,31 +163,47 @@ def run_bench(
     decode_tokens: int = 32,
     repeats: int = 3,
     seed: int = 0,
+    prefill_chunk: int | None = None,
+    rss_of: str | None = None,
 ) -> list[BenchRow]:
     """Measure every method (``full`` added first when missing) at every length. Repeats go round the methods
-    (full, a, b, full, a, b, ...), so a slow spell of a shared machine lands on every method alike."""
+    (full, a, b, full, a, b, ...), so a slow spell of a shared machine lands on every method alike. ``rss_of``: the
+    model's name or path, to measure peak memory on CPU (`peak_rss`, one process per method and length)."""
     for spec in methods:
         parse_method(spec)
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1, or None (one forward)")
+    if rss_of is not None and (model.device.type != "cpu" or not os.path.exists("/proc/self/clear_refs")):
+        raise ValueError(f"peak resident memory is measured on CPU under Linux; the model is on {model.device}")
     methods = list(methods) if "full" in [method_label(m) for m in methods] else ["full", *methods]
-    warm = bench_prompt(tokenizer, 64, seed)
+    warm = bench_prompt(tokenizer, SMALL, seed)
+    small_peak = {}
     for spec in methods:  # first calls pay for allocations and lazy imports: keep them out of every measurement
-        _measure(model, warm, spec, 2)
+        _measure(model, warm, spec, 2, prefill_chunk)
+        small_peak[method_label(spec)] = _measure(model, warm, spec, decode_tokens, prefill_chunk)["peak"]
     rows = []
     for length in lengths:
         ids = bench_prompt(tokenizer, length, seed)
         runs_of = {method_label(spec): [] for spec in methods}
         for _ in range(repeats):
             for spec in methods:
-                runs_of[method_label(spec)].append(_measure(model, ids, spec, decode_tokens))
+                runs_of[method_label(spec)].append(_measure(model, ids, spec, decode_tokens, prefill_chunk))
         measured = {}
-        for label, runs in runs_of.items():
+        for spec in methods:
+            label, runs = method_label(spec), runs_of[method_label(spec)]
+            if rss_of is not None:
+                peak = peak_rss(
+                    rss_of, str(model.dtype).removeprefix("torch."), spec, ids, decode_tokens, prefill_chunk
+                )
+            else:
+                peak = None if runs[-1]["peak"] is None else max(r["peak"] for r in runs) - small_peak[label]
             measured[label] = {
                 "prefill_s": statistics.median(r["prefill_s"] for r in runs),
                 "decode_ms": statistics.median(r["decode_ms"] for r in runs),
                 "stored": runs[-1]["stored"],
                 "dense": runs[-1]["dense"],
                 "after_prompt": runs[-1]["after_prompt"],
-                "peak": max(r["peak"] for r in runs) if runs[-1]["peak"] is not None else None,
+                "peak": peak,
             }
         full = measured["full"]
         for label, m in measured.items():
@@ -141,6 +220,7 @@ def run_bench(
                     prefill_vs_full=m["prefill_s"] / full["prefill_s"],
                     decode_vs_full=m["decode_ms"] / full["decode_ms"],
                     peak_memory_bytes=m["peak"],
+                    prefill_chunk=prefill_chunk,
                 )
             )
     return rows
@@ -187,14 +267,25 @@ def write_bench(rows: Sequence[BenchRow], out_dir: str | Path, env: dict[str, st
     write_atomic(out_dir / "bench.md", f"# leankv bench\n\n{header}\n{table}\n")
 
     plt = pyplot()
-    figure, (speed, size) = plt.subplots(1, 2, figsize=(11, 4))
+    peaks = all(r.peak_memory_bytes is not None for r in rows)
+    figure, panels = plt.subplots(1, 3 if peaks else 2, figsize=(16 if peaks else 11, 4))
+    speed, size = panels[:2]
     for method in dict.fromkeys(r.method for r in rows):
         mine = [r for r in rows if r.method == method]
         speed.plot([r.length for r in mine], [r.decode_ms_per_token for r in mine], marker="o", label=method)
         size.plot([r.length for r in mine], [r.cache_bytes / 2**20 for r in mine], marker="o", label=method)
+        if peaks:
+            panels[2].plot([r.length for r in mine], [r.peak_memory_bytes / 2**20 for r in mine], marker="o")
     speed.set(xlabel="context length (tokens)", ylabel="decode ms / token", title="decode speed")
     size.set(xlabel="context length (tokens)", ylabel="KV cache MiB (stored)", title="cache size")
-    for axes in (speed, size):
+    if peaks:
+        chunk = rows[0].prefill_chunk
+        panels[2].set(
+            xlabel="context length (tokens)",
+            ylabel=f"MiB above a {SMALL}-token prompt's peak",
+            title="peak memory" + (f" (prefill chunk {chunk})" if chunk else ""),
+        )
+    for axes in panels:
         axes.grid(alpha=0.3)
     size.legend(fontsize=8)
     figure.suptitle(
@@ -205,3 +296,7 @@ def write_bench(rows: Sequence[BenchRow], out_dir: str | Path, env: dict[str, st
     plot = save_png(figure, out_dir / "bench.png")
     plt.close(figure)
     return [out_dir / "bench.csv", out_dir / "bench.md", plot]
+
+
+if __name__ == "__main__":
+    _peak_rss_job()

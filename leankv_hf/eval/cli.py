@@ -67,6 +67,9 @@ class Option:
 _MODEL = Option("--model", DEFAULT_MODEL, help="embedded model name, .gguf file, checkpoint directory or hub id")
 _METHODS = Option("--methods", ["full"], _methods, help="comma-separated cache methods, or a YAML file listing them")
 _SEED = Option("--seed", 0, int, help="seed for generated prompts")
+_PREFILL_CHUNK = Option(
+    "--prefill-chunk", None, int, help="prefill N tokens per forward (compressing caches compact after each)"
+)
 _DTYPE = Option(
     "--dtype",
     None,
@@ -110,7 +113,7 @@ EVAL_OPTIONS = (
         "asked in turn on the same cache",
     ),
     Option("--limit", None, int, help="only the first N examples (default: all)"),
-    Option("--prefill-chunk", None, int, help="prefill N tokens per forward (compressing caches compact after each)"),
+    _PREFILL_CHUNK,
     _SEED,
     Option("--out", "results/eval", help="results directory (resumed if it holds rows)"),
     Option(
@@ -128,6 +131,13 @@ BENCH_OPTIONS = (
     Option("--lengths", [1024, 2048, 4096, 8192], _ints, help="context lengths in tokens"),
     Option("--decode-tokens", 32, int, help="tokens decoded per measurement"),
     Option("--repeats", 3, int, help="measurements per method and length (medians are reported)"),
+    _PREFILL_CHUNK,
+    Option(
+        "--peak-rss",
+        "no",
+        choices=("yes", "no"),
+        help="CPU: measure each method's peak memory as the resident set of a fresh process per length (Linux)",
+    ),
     _SEED,
     Option("--out", "results/bench", help="output directory"),
     _DTYPE,
@@ -283,7 +293,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
         model, tokenizer = _load(args, args.device)
     except (ValueError, ImportError, FileNotFoundError) as error:
         return _error("bench", error)
-    rows = run_bench(model, tokenizer, args.methods, args.lengths, args.decode_tokens, args.repeats, args.seed)
+    rows = run_bench(
+        model,
+        tokenizer,
+        args.methods,
+        args.lengths,
+        args.decode_tokens,
+        args.repeats,
+        args.seed,
+        args.prefill_chunk,
+        rss_of=args.model if args.peak_rss == "yes" else None,
+    )
     paths = write_bench(rows, args.out, environment(model))
     print(Path(paths[1]).read_text())
     return 0
