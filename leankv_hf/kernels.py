@@ -25,6 +25,9 @@ from .quant.packing import unpack
 try:
     import numba
     import numpy as np
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:  # numba's OpenMP layer would reset torch's thread count
+        numba.config.THREADING_LAYER = "workqueue"
 except ImportError:  # the padded view serves instead
     numba = None
 
@@ -72,16 +75,16 @@ def _kernels(groups: int):
     runtime count LLVM leaves the inner loops scalar (about 4x slower)."""
     f32 = np.float32
 
-    @numba.njit(fastmath=True, boundscheck=False)
+    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
     def scores(query, codes, scale, zero, lut, starts, counts, offsets, out):  # pragma: no cover (jit)
         """``out[s, r, offsets[s] + j] = query[s, r] . row(starts[s] + j)``, a row being ``codes * scale + zero``
         per group (``lut`` turns the 16-bit scale and zero into float32). Query rows come in blocks of four
-        (padded with zeros): each code read feeds four accumulators."""
+        (padded with zeros): each code read feeds four accumulators. Segments (batch, head) run in parallel."""
         segments, rows, dim = query.shape
         size = dim // groups
-        sums = np.zeros((rows, groups), np.float32)  # per query row and group: what the zeros multiply
-        for s in range(segments):
+        for s in numba.prange(segments):
             q = query[s]
+            sums = np.empty((rows, groups), np.float32)  # per query row and group: what the zeros multiply
             for r in range(rows):
                 for g in range(groups):
                     sums[r, g] = q[r, g * size : g * size + size].sum()
@@ -116,12 +119,12 @@ def _kernels(groups: int):
                     out[s, r + 2, slot] = t2
                     out[s, r + 3, slot] = t3
 
-    @numba.njit(fastmath=True, boundscheck=False)
+    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
     def weigh(probs, codes, scale, zero, lut, starts, counts, offsets, out):  # pragma: no cover (jit)
-        """``out[s, r] += sum_j probs[s, r, offsets[s] + j] * row(starts[s] + j)``."""
+        """``out[s, r] += sum_j probs[s, r, offsets[s] + j] * row(starts[s] + j)``, segments in parallel."""
         segments, rows, dim = out.shape
         size = dim // groups
-        for s in range(segments):
+        for s in numba.prange(segments):
             for j in range(counts[s]):
                 i = starts[s] + j
                 row = codes[i]
@@ -172,6 +175,11 @@ def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean"
     return folded
 
 
+def _use_torch_threads() -> None:
+    """Run the kernels on as many threads as torch is given (``torch.set_num_threads``, ``OMP_NUM_THREADS``)."""
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
 @dataclass
 class _Part:
     """One store's side as the kernels read it: codes ``[N, D]`` uint8, 16-bit scale/zero ``[N, groups]`` bits
@@ -201,6 +209,7 @@ class CodedRows:
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]``, -inf in empty slots (so attention needs no mask)."""
+        _use_torch_threads()
         batch, heads, width = self.shape
         rows = query.shape[2]
         padded = -(-rows // QUERY_BLOCK) * QUERY_BLOCK
@@ -215,6 +224,7 @@ class CodedRows:
 
     def weigh(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs[B, H, Q, W] @ rows`` -> ``[B, H, Q, D]``."""
+        _use_torch_threads()
         batch, heads, rows, width = probs.shape
         flat = probs.float().reshape(batch * heads, rows, width).contiguous()
         out = torch.zeros(batch * heads, rows, self.dim)

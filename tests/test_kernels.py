@@ -50,6 +50,28 @@ def test_fused_products_match_the_padded_view(mix, rows):
     torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
 
 
+def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one():
+    """Segments (batch, head) run in parallel on ``torch.get_num_threads()`` threads; each is summed by one thread
+    in the same order, so the products are bit-identical to a single thread's."""
+    import numba
+
+    layout = PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"], batch=3, heads=4))
+    fused = layout.view(torch.float32, fused=True)
+    batch, heads, width = fused.valid.shape
+    query, probs = torch.randn(batch, heads, 3, DIM), torch.rand(batch, heads, 3, width)
+    before = torch.get_num_threads()
+    try:
+        products = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            products[threads] = fused.logits(query), fused.values.weigh(probs)
+            assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
+            assert torch.get_num_threads() == threads  # the kernels leave torch's own setting alone
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(products[1], products[2], strict=True))
+
+
 def test_bfloat16_queries_get_bfloat16_products():
     """A bfloat16 model on CPU: the kernels compute in float32 and hand back bfloat16 (within its rounding)."""
     layout = PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"]))
