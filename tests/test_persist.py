@@ -166,3 +166,29 @@ def test_a_failed_save_leaves_the_old_directory_whole(saved, monkeypatch, tiny_t
     monkeypatch.undo()
     cache.save_pretrained(path)  # and a successful save replaces it whole
     assert SparseHeadCache.from_pretrained(path, model=model).get_seq_length() == cache.get_seq_length()
+
+
+@pytest.mark.parametrize("name", CACHES)
+def test_a_chunked_prefill_compacts_after_each_chunk(name, tiny_tok):
+    """``generate(..., prefill_chunk_size=N)`` works with every cache, and a compressing cache never holds more
+    than its share of what it has seen plus one chunk (each chunk is compacted before the next arrives)."""
+    model = lively("llama")
+    ids = tiny_tok([TINY_PROMPT * 4], return_tensors="pt").input_ids
+    cache, chunk, held = CACHES[name](model), 48, []
+
+    def record(*_):  # after each forward of the model (and after the probe that scored it), not the probe's own
+        if cache.probe is None:
+            held.append((cache.get_seq_length(), cache.nbytes(), cache.nbytes() / cache.dense_nbytes()))
+
+    hook = model.get_decoder().register_forward_hook(record)
+    try:
+        out = generate(model, {"input_ids": ids}, cache, max_new_tokens=4, prefill_chunk_size=chunk)
+    finally:
+        hook.remove()
+    assert out.shape[1] == ids.shape[1] + 4 and cache.get_seq_length() == out.shape[1] - 1
+    prefill = held[: -(-ids.shape[1] // chunk)]
+    assert [seen for seen, _, _ in prefill] == [min(ids.shape[1], chunk * (i + 1)) for i in range(len(prefill))]
+    if name.endswith("budget_mb"):  # the cap holds after every chunk
+        assert all(nbytes <= 0.05 * 2**20 for _, nbytes, _ in prefill), prefill
+    elif name.startswith(("sparse adakv", "unified")):  # pruning caches: compacted to their share after every chunk
+        assert all(ratio < 0.6 for _, _, ratio in prefill), prefill
