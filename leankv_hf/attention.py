@@ -144,37 +144,46 @@ def leankv_attention(
 def _probe_attention(layer, query, key, value, scale: float, groups: int) -> torch.Tensor:
     """A probe re-reading window tokens ``[start, stop)`` (`scoring.ContextReconstruction`). Its queries attend to what
     the layer has stored (the compressed body), the window up to ``stop`` and their own tokens, causally; that output
-    feeds the next layer. A re-read token's score is the most attention it gets from the valid queries (over the query
-    heads of its KV head) renormalized over the sinks, the re-read tokens and the probe's own, as KVzip does: a chunk's
-    scores do not shrink as the context before it grows. Returns the output ``[B, P, Hq, D]``."""
+    feeds the next layer (sdpa). A re-read token's score is the most attention it gets from the valid queries (over
+    the query heads of its KV head) renormalized over the sinks, the re-read tokens and the probe's own, as KVzip
+    does: a chunk's scores do not shrink as the context before it grows. Renormalized over those columns, the
+    attention is a softmax over them alone, so only their logits are computed. Returns the output ``[B, P, Hq, D]``."""
     probe = layer.probe
     batch, q_heads, p_len, _ = query.shape
     heads = key.shape[1]
     device = query.device
-    body, stored = layer.body_view(query.dtype), 0
-    if body is not None:  # each head's first stored rows are its sinks: the earliest tokens, kept high, never moved
-        key, value = torch.cat([body.full_keys(), key], 2), torch.cat([body.values.dense(), value], 2)
-        stored = body.valid.shape[-1]
-    logits = torch.matmul(_gqa_pack(query, groups), key.transpose(-1, -2)).float().mul_(scale)
-    grid = logits.view(batch, heads, groups, p_len, -1)  # per (KV head, query head of it, query): what it cannot see
-    if body is not None:
-        grid[..., :stored].masked_fill_(~body.valid[:, :, None, None, :], -torch.inf)
     window = layer.recent_valid[:, : probe.stop]
-    if not bool(window.all()):
-        grid[..., stored : stored + probe.stop].masked_fill_(~window[:, None, None, None, :], -torch.inf)
     own = torch.ones(p_len, p_len, dtype=torch.bool, device=device).tril()
     own = own & (probe.valid[:, None, :] | torch.eye(p_len, dtype=torch.bool, device=device))  # [B, P, P]
-    grid[..., -p_len:].masked_fill_(~own[:, None, None], -torch.inf)
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs.to(value.dtype), value)
-    grid = probs.view(batch, heads, groups, p_len, -1)
-    received = grid[..., stored + probe.start : stored + probe.stop]
-    mass = received.sum(-1, keepdim=True) + grid[..., -p_len:].sum(-1, keepdim=True)
-    mass += grid[..., : min(layer.settings.sink, stored)].sum(-1, keepdim=True)  # stored sinks (empty slots hold 0)
+    visible = torch.cat([window[:, None, :].expand(-1, p_len, -1), own], -1)[:, None]  # [B, 1, P, stop + P]
+    all_keys, all_values = key, value
+    body = layer.body_view(query.dtype)
+    sinks_k, sinks_valid = key[:, :, :0], torch.ones(batch, heads, 0, dtype=torch.bool, device=device)
+    if body is not None:  # each head's first stored rows are its sinks: the earliest tokens, kept high, never moved
+        stored_keys = body.full_keys()
+        all_keys, all_values = torch.cat([stored_keys, key], 2), torch.cat([body.values.dense(), value], 2)
+        visible = torch.cat([body.valid[:, :, None].expand(-1, -1, p_len, -1), visible.expand(-1, heads, -1, -1)], -1)
+        sinks = min(layer.settings.sink, stored_keys.shape[2])
+        sinks_k, sinks_valid = stored_keys[:, :, :sinks], body.valid[:, :, :sinks]
+    mask = visible.repeat_interleave(groups, 1) if visible.shape[1] > 1 else visible
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, all_keys, all_values, attn_mask=mask, scale=scale, enable_gqa=groups > 1
+    )
     columns, is_sink = layer.probe_sinks  # window columns before the re-read ones that hold sinks
-    if columns.numel():
-        mass += (grid[..., stored + columns.to(device)] * is_sink[:, None, None, None, :]).sum(-1, keepdim=True)
-    received = (received / mass).masked_fill_(~probe.valid[:, None, None, :, None], 0)
+    columns = columns.to(device)
+    span = slice(probe.start, probe.stop)
+    scored = torch.cat([sinks_k, key[:, :, columns], key[:, :, span], key[:, :, probe.stop :]], 2)
+    counted = torch.cat(  # [B, H, 1, S]: which of those columns each row's queries may count
+        [sinks_valid, is_sink[:, None].expand(-1, heads, -1), window[:, None, span].expand(-1, heads, -1)], -1
+    )[:, :, None]
+    logits = torch.matmul(_gqa_pack(query, groups), scored.transpose(-1, -2)).float().mul_(scale)
+    grid = logits.view(batch, heads, groups, p_len, -1)
+    fixed = counted.shape[-1]
+    grid[..., :fixed].masked_fill_(~counted[:, :, None], -torch.inf)
+    grid[..., fixed:].masked_fill_(~own[:, None, None], -torch.inf)
+    first = sinks_k.shape[2] + columns.numel()
+    received = torch.softmax(grid, -1)[..., first : first + span.stop - span.start]
+    received = received.masked_fill_(~probe.valid[:, None, None, :, None], 0)
     per_head = received.amax(2) if layer.gqa == "max" else received.mean(2)
     layer.fold_probe(per_head.amax(2))
-    return out.reshape(batch, q_heads, p_len, -1).transpose(1, 2).contiguous()
+    return out.transpose(1, 2).contiguous()
