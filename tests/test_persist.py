@@ -192,3 +192,24 @@ def test_a_chunked_prefill_compacts_after_each_chunk(name, tiny_tok):
         assert all(nbytes <= 0.05 * 2**20 for _, nbytes, _ in prefill), prefill
     elif name.startswith(("sparse adakv", "unified")):  # pruning caches: compacted to their share after every chunk
         assert all(ratio < 0.6 for _, _, ratio in prefill), prefill
+
+
+@pytest.mark.slow
+def test_the_embedded_model_answers_alike_from_the_original_a_reload_and_a_fork(smollm2, tmp_path):
+    """smollm2-135m, a real-prose context compressed with ``leankv-agnostic`` in chunks: the original, the reloaded
+    copy and a fork give the same tokens and bit-identical logits for a question asked afterwards."""
+    from leankv_hf import prefill
+    from leankv_hf.eval.tasks.needle import DEFAULT_TEXT
+
+    model, tok = smollm2
+    context = tok(DEFAULT_TEXT.read_text()[:2000], return_tensors="pt").input_ids
+    cache = prefill(model, UnifiedLeanCache(model, preset="leankv-agnostic"), context, chunk_size=192)
+    assert cache.compression_ratio() > 4
+    cache.save_pretrained(tmp_path / "ctx", input_ids=context)
+    reloaded = UnifiedLeanCache.from_pretrained(tmp_path / "ctx", model=model)
+    fork = copy.deepcopy(cache)
+    ids = question(tok, context, "\nWhat is this text about? It is about")
+    sequences, logits = continued(model, cache, ids)
+    for other in (reloaded, fork):
+        again, again_logits = continued(model, other, ids)
+        assert torch.equal(again, sequences) and torch.equal(again_logits, logits)
