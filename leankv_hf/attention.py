@@ -68,6 +68,26 @@ def _gqa_pack(query: torch.Tensor, groups: int) -> torch.Tensor:
     return query.reshape(batch, heads // groups, groups * q_len, dim)
 
 
+MASK_BLOCK_BYTES = 8 * 2**20  # what the float mask of one block of queries may take (`_masked_attention`)
+
+
+def _masked_attention(query, key, value, recent, body, scale: float, groups: int) -> torch.Tensor:
+    """sdpa of ``query[B, Hq, Q, D]`` over ``key``/``value`` ``[B, Hkv, L, D]`` (the stored body, then the dense
+    part), masked by `_visible` (``recent[B, 1, Q, R]``, ``body[B, Hkv, W]`` or None). sdpa turns a boolean mask into
+    floats; queries go in blocks so that mask stays within ``MASK_BLOCK_BYTES`` however long the context (a chunked
+    prefill's peak memory follows the compressed cache, not the prompt). Returns ``[B, Hq, Q, D]``."""
+    batch, q_heads, q_len, dim = query.shape
+    rows = max(1, MASK_BLOCK_BYTES // (4 * batch * q_heads * key.shape[2]))
+    out = []
+    for start in range(0, q_len, rows):
+        block = slice(start, min(start + rows, q_len))
+        mask = _visible(recent, body, block, key.shape[1], groups)
+        packed = _gqa_pack(query[:, :, block], groups)
+        attended = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scale)
+        out.append(attended.view(batch, q_heads, -1, dim))
+    return torch.cat(out, 2)
+
+
 def leankv_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -122,13 +142,15 @@ def leankv_attention(
             ).reshape(batch, key.shape[1], groups * q_len, -1)
         else:  # a prompt after earlier turns: rebuild the body's keys and attend over body and prompt
             all_k, all_v = torch.cat([body.full_keys(), key], 2), torch.cat([body.values.dense(), value], 2)
-            mask = _visible(recent_mask, valid, slice(None), heads, groups)
-            out = torch.nn.functional.scaled_dot_product_attention(packed_q, all_k, all_v, attn_mask=mask, scale=scale)
+            out = _masked_attention(query, all_k, all_v, recent_mask, valid, scale, groups)
         probs = None
         if window:
             tail = _visible(recent_mask, valid, slice(q_len - window, None), heads, groups)
             logits = torch.matmul(_gqa_pack(query[:, :, -window:], groups), all_k.transpose(-1, -2)).float() * scale
             probs = torch.softmax(logits.masked_fill(~tail, float("-inf")), dim=-1)
+            probs = probs.masked_fill_(
+                ~tail.any(-1, keepdim=True), 0
+            )  # a padding query sees nothing: it scores nothing
     if probs is not None:
         # [B, Hkv, G*w, L] -> per KV head, aggregated over its query heads, summed over the window's queries
         per_head = probs.view(batch, key.shape[1], groups, -1, probs.shape[-1])
@@ -156,19 +178,15 @@ def _probe_attention(layer, query, key, value, scale: float, groups: int) -> tor
     own = torch.ones(p_len, p_len, dtype=torch.bool, device=device).tril()
     own = own & (probe.valid[:, None, :] | torch.eye(p_len, dtype=torch.bool, device=device))  # [B, P, P]
     visible = torch.cat([window[:, None, :].expand(-1, p_len, -1), own], -1)[:, None]  # [B, 1, P, stop + P]
-    all_keys, all_values = key, value
+    all_keys, all_values, stored = key, value, None
     body = layer.body_view(query.dtype)
     sinks_k, sinks_valid = key[:, :, :0], torch.ones(batch, heads, 0, dtype=torch.bool, device=device)
     if body is not None:  # each head's first stored rows are its sinks: the earliest tokens, kept high, never moved
-        stored_keys = body.full_keys()
+        stored_keys, stored = body.full_keys(), body.valid
         all_keys, all_values = torch.cat([stored_keys, key], 2), torch.cat([body.values.dense(), value], 2)
-        visible = torch.cat([body.valid[:, :, None].expand(-1, -1, p_len, -1), visible.expand(-1, heads, -1, -1)], -1)
         sinks = min(layer.settings.sink, stored_keys.shape[2])
         sinks_k, sinks_valid = stored_keys[:, :, :sinks], body.valid[:, :, :sinks]
-    mask = visible.repeat_interleave(groups, 1) if visible.shape[1] > 1 else visible
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, all_keys, all_values, attn_mask=mask, scale=scale, enable_gqa=groups > 1
-    )
+    out = _masked_attention(query, all_keys, all_values, visible, stored, scale, groups)
     columns, is_sink = layer.probe_sinks  # window columns before the re-read ones that hold sinks
     columns = columns.to(device)
     span = slice(probe.start, probe.stop)
@@ -176,14 +194,17 @@ def _probe_attention(layer, query, key, value, scale: float, groups: int) -> tor
     counted = torch.cat(  # [B, H, 1, S]: which of those columns each row's queries may count
         [sinks_valid, is_sink[:, None].expand(-1, heads, -1), window[:, None, span].expand(-1, heads, -1)], -1
     )[:, :, None]
-    logits = torch.matmul(_gqa_pack(query, groups), scored.transpose(-1, -2)).float().mul_(scale)
-    grid = logits.view(batch, heads, groups, p_len, -1)
-    fixed = counted.shape[-1]
-    grid[..., :fixed].masked_fill_(~counted[:, :, None], -torch.inf)
-    grid[..., fixed:].masked_fill_(~own[:, None, None], -torch.inf)
-    first = sinks_k.shape[2] + columns.numel()
-    received = torch.softmax(grid, -1)[..., first : first + span.stop - span.start]
-    received = received.masked_fill_(~probe.valid[:, None, None, :, None], 0)
-    per_head = received.amax(2) if layer.gqa == "max" else received.mean(2)
-    layer.fold_probe(per_head.amax(2))
+    first, fixed = sinks_k.shape[2] + columns.numel(), counted.shape[-1]
+    rows, best = max(1, MASK_BLOCK_BYTES // (4 * batch * q_heads * scored.shape[2])), None
+    for start in range(0, p_len, rows):  # in blocks of queries, like the output: bounded transient memory
+        block = slice(start, min(start + rows, p_len))
+        logits = torch.matmul(_gqa_pack(query[:, :, block], groups), scored.transpose(-1, -2)).float().mul_(scale)
+        grid = logits.view(batch, heads, groups, block.stop - block.start, -1)
+        grid[..., :fixed].masked_fill_(~counted[:, :, None], -torch.inf)
+        grid[..., fixed:].masked_fill_(~own[:, None, None, block], -torch.inf)
+        received = torch.softmax(grid, -1)[..., first : first + span.stop - span.start]
+        received = received.masked_fill_(~probe.valid[:, None, None, block, None], 0)
+        per_head = (received.amax(2) if layer.gqa == "max" else received.mean(2)).amax(2)
+        best = per_head if best is None else torch.maximum(best, per_head)
+    layer.fold_probe(best)
     return out.transpose(1, 2).contiguous()

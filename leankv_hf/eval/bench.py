@@ -108,6 +108,12 @@ def _measure(
     }
 
 
+def _warm_length(length: int, prefill_chunk: int | None) -> int:
+    """Tokens of a warm-up prompt that takes every path a ``length``-token one does (with a chunked prefill, chunks
+    that meet a compressed body), so one-time costs such as kernel compilation fall outside the measurements."""
+    return min(length, SMALL if prefill_chunk is None else 2 * prefill_chunk + SMALL)
+
+
 def _resident_kib(field: str) -> int:
     """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in KiB (Linux)."""
     with open("/proc/self/status") as f:
@@ -150,7 +156,7 @@ def _peak_rss_job() -> None:
     def measure(tokens):
         return lambda: _measure(model, tokens, spec, job["decode"], job["chunk"])
 
-    measure(ids[:SMALL])()  # first calls compile kernels and allocate pools: outside both measurements
+    measure(ids[: _warm_length(len(ids), job["chunk"])])()  # compile every path first: outside both measurements
     small = _resident_peak(measure(ids[:SMALL]))
     print(_resident_peak(measure(ids)) - small)
 
@@ -176,11 +182,11 @@ def run_bench(
     if rss_of is not None and (model.device.type != "cpu" or not os.path.exists("/proc/self/clear_refs")):
         raise ValueError(f"peak resident memory is measured on CPU under Linux; the model is on {model.device}")
     methods = list(methods) if "full" in [method_label(m) for m in methods] else ["full", *methods]
-    warm = bench_prompt(tokenizer, SMALL, seed)
+    warm = bench_prompt(tokenizer, _warm_length(max(lengths), prefill_chunk), seed)
     small_peak = {}
     for spec in methods:  # first calls pay for allocations and lazy imports: keep them out of every measurement
         _measure(model, warm, spec, 2, prefill_chunk)
-        small_peak[method_label(spec)] = _measure(model, warm, spec, decode_tokens, prefill_chunk)["peak"]
+        small_peak[method_label(spec)] = _measure(model, warm[:SMALL], spec, decode_tokens, prefill_chunk)["peak"]
     rows = []
     for length in lengths:
         ids = bench_prompt(tokenizer, length, seed)
