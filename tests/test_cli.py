@@ -36,7 +36,8 @@ def test_compress_once_then_answer_from_the_saved_context(monkeypatch, tmp_path,
     line = capsys.readouterr().out
     assert "context tokens compressed in" in line and str(saved) in line and "MiB stored" in line
     assert main(["generate", "--cache-dir", str(saved), "--prompt", " and then", "--max-new-tokens", "6"]) == 0
-    answer = capsys.readouterr().out.splitlines()[0]
+    loaded, answer = capsys.readouterr().out.splitlines()[:2]
+    assert loaded.startswith(f"[{saved}] loaded in ")
 
     context = tok(TINY_PROMPT * 2, return_tensors="pt").input_ids
     cache = prefill(model, SparseHeadCache(model, budget=0.5, scorer="reconstruct"), context, chunk_size=64)
