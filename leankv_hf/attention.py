@@ -7,6 +7,8 @@ transformers calls it with the tensors ``update()`` returned; a leankv layer tag
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -68,7 +70,13 @@ def _gqa_pack(query: torch.Tensor, groups: int) -> torch.Tensor:
     return query.reshape(batch, heads // groups, groups * q_len, dim)
 
 
-MASK_BLOCK_BYTES = 8 * 2**20  # what the float mask of one block of queries may take (`_masked_attention`)
+MASK_BLOCK_BYTES = 8 * 2**20  # what the float32 scores or mask of one block of queries may take
+
+
+def _query_blocks(q_len: int, per_query: int) -> Iterator[slice]:
+    """Slices of ``q_len`` queries whose float32 rows of ``per_query`` values fit in ``MASK_BLOCK_BYTES``."""
+    rows = max(1, MASK_BLOCK_BYTES // (4 * per_query))
+    return (slice(start, min(start + rows, q_len)) for start in range(0, q_len, rows))
 
 
 def _masked_attention(query, key, value, recent, body, scale: float, groups: int) -> torch.Tensor:
@@ -77,10 +85,8 @@ def _masked_attention(query, key, value, recent, body, scale: float, groups: int
     floats; queries go in blocks so that mask stays within ``MASK_BLOCK_BYTES`` however long the context (a chunked
     prefill's peak memory follows the compressed cache, not the prompt). Returns ``[B, Hq, Q, D]``."""
     batch, q_heads, q_len, dim = query.shape
-    rows = max(1, MASK_BLOCK_BYTES // (4 * batch * q_heads * key.shape[2]))
     out = []
-    for start in range(0, q_len, rows):
-        block = slice(start, min(start + rows, q_len))
+    for block in _query_blocks(q_len, batch * q_heads * key.shape[2]):
         mask = _visible(recent, body, block, key.shape[1], groups)
         packed = _gqa_pack(query[:, :, block], groups)
         attended = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scale)
@@ -148,9 +154,8 @@ def leankv_attention(
             tail = _visible(recent_mask, valid, slice(q_len - window, None), heads, groups)
             logits = torch.matmul(_gqa_pack(query[:, :, -window:], groups), all_k.transpose(-1, -2)).float() * scale
             probs = torch.softmax(logits.masked_fill(~tail, float("-inf")), dim=-1)
-            probs = probs.masked_fill_(
-                ~tail.any(-1, keepdim=True), 0
-            )  # a padding query sees nothing: it scores nothing
+            # a padding query sees nothing (its softmax is NaN): it scores nothing
+            probs = probs.masked_fill_(~tail.any(-1, keepdim=True), 0)
     if probs is not None:
         # [B, Hkv, G*w, L] -> per KV head, aggregated over its query heads, summed over the window's queries
         per_head = probs.view(batch, key.shape[1], groups, -1, probs.shape[-1])
@@ -195,9 +200,8 @@ def _probe_attention(layer, query, key, value, scale: float, groups: int) -> tor
         [sinks_valid, is_sink[:, None].expand(-1, heads, -1), window[:, None, span].expand(-1, heads, -1)], -1
     )[:, :, None]
     first, fixed = sinks_k.shape[2] + columns.numel(), counted.shape[-1]
-    rows, best = max(1, MASK_BLOCK_BYTES // (4 * batch * q_heads * scored.shape[2])), None
-    for start in range(0, p_len, rows):  # in blocks of queries, like the output: bounded transient memory
-        block = slice(start, min(start + rows, p_len))
+    best = None
+    for block in _query_blocks(p_len, batch * q_heads * scored.shape[2]):  # like the output: bounded memory
         logits = torch.matmul(_gqa_pack(query[:, :, block], groups), scored.transpose(-1, -2)).float().mul_(scale)
         grid = logits.view(batch, heads, groups, block.stop - block.start, -1)
         grid[..., :fixed].masked_fill_(~counted[:, :, None], -torch.inf)
