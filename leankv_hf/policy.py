@@ -286,9 +286,11 @@ class QuestPolicy(Policy):
         filled: torch.Tensor,
         k: torch.Tensor,
         forced: int,
+        top: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages to attend for one decode ``query[B, Hq, 1, D]``, given each page's elementwise key minimum ``low``
-        and maximum ``high`` ``[B, H, P, D]``, the pages each head has filled ``[B, H]`` and may attend ``k[B]``.
+        and maximum ``high`` ``[B, H, P, D]``, the pages each head has filled ``[B, H]`` and may attend ``k[B]``
+        (at most ``top``, a bound known on the host: the GPU is never waited for).
 
         The bound on ``q . key`` over a page is ``sum_d max(q_d low_d, q_d high_d) = relu(q) . high - relu(-q) . low``
         (two matmuls), the max over the query heads of a KV head. Returns ``[B, H, K]`` page indices, ascending
@@ -300,7 +302,7 @@ class QuestPolicy(Policy):
         index = torch.arange(n, device=low.device)
         bound = bound.amax(2).masked_fill(index < forced, torch.inf)  # the sinks' pages: always
         bound = bound.masked_fill(index >= filled[..., None], -torch.inf)  # empty pages (+-inf bounds): never
-        best = bound.topk(min(int(k.max()), n), dim=-1)
+        best = bound.topk(min(top, n), dim=-1)
         chosen = (torch.arange(best.indices.shape[-1], device=low.device) < k.view(-1, 1, 1)) & (
             best.values > -torch.inf
         )

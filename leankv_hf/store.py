@@ -5,9 +5,9 @@
 * `RaggedStore`: each (batch, head) holds its own tokens. Rows ``[N, ...]`` are sorted by (batch, head) and
   ``counts[B, H]`` says how many each holds (CSR), so persistent memory is exactly the kept tokens: nothing is
   padded to the longest head. Attention reads a transient padded view (`PaddedLayout`, `Body`), one layer at a
-  time; int-coded rows stay coded in it (`PaddedRows`), and on CPU the decode step reads them where they lie
-  instead (`kernels.CodedRows`). Its keys may be low rank (``Precision(rank=r)``): rows hold ``r`` coefficients
-  on a per-(batch, head) basis (`fit_basis`).
+  time; int-coded rows stay coded in it (`PaddedRows`), and on CPU and CUDA the decode step reads them where
+  they lie instead (`kernels.in_place`). Its keys may be low rank (``Precision(rank=r)``): rows hold ``r``
+  coefficients on a per-(batch, head) basis (`fit_basis`).
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ class DenseStore:
     def __post_init__(self):
         if self.key.rank or self.value.rank:
             raise ValueError("a DenseStore holds full-rank tokens; low rank (rank=...) needs a RaggedStore")
+        self._segments = None  # `body`'s segments and valid slots, for one shape (not state: never saved)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         ek, ev = self.key.encode(k), self.value.encode(v)
@@ -178,6 +179,25 @@ class DenseStore:
 
     def decode(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return decode(self.keys, dtype), decode(self.values, dtype)
+
+    def body(self, dtype: torch.dtype) -> Body:
+        """The stored tokens as a `Body` ``[B, H, T]`` (every slot valid): read in place where `kernels` can (each
+        (batch, head) a segment of ``T`` rows), else decoded to ``dtype``."""
+        batch, heads, length = self.keys.shape[:3]
+        shape = (batch, heads, length)
+        device = self.keys.device
+        if self._segments is None or self._segments[0] != shape:  # made again only when the store grows
+            starts = torch.arange(batch * heads, device=device) * length
+            segment = torch.stack([starts, torch.full_like(starts, length), torch.zeros_like(starts)])
+            self._segments = shape, segment, torch.ones(1, dtype=torch.bool, device=device).expand(shape)
+        _, segment, valid = self._segments
+        if all(isinstance(x, torch.Tensor) or x.axis == "token" for x in (self.keys, self.values)):
+            keys = kernels.in_place([_token_rows(self.keys)], [segment], shape)
+            values = kernels.in_place([_token_rows(self.values)], [segment], shape)
+            if keys is not None and values is not None:
+                return Body(keys, values, valid)
+        keys, values = self.decode(dtype)
+        return Body(PaddedRows(keys), PaddedRows(values), valid)
 
     def decode_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write the stored tokens into the first ``length`` slots of ``keys``/``values`` ``[B, H, T, D]``."""
@@ -206,6 +226,13 @@ class DenseStore:
             )
             self.keys, self.values = _copied(self.keys), _copied(self.values)
             self.length -= count
+
+
+def _token_rows(x: Encoded) -> Encoded:
+    """Per-token rows ``[..., T, D] -> [N, D]`` (a view where the storage allows)."""
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1, x.shape[-1])
+    return replace(x, **{name: t.reshape(-1, t.shape[-1]) for name, t in _fields(x).items()})
 
 
 def _copied(x: Encoded) -> Encoded:
@@ -391,8 +418,8 @@ class Body:
     Low-rank ``keys`` are coefficients on ``basis[B, H, D, rank]`` (None: full-rank keys): attention can score
     them in the reduced space, ``(q @ basis) @ keys^T``, or rebuild them with `full_keys`."""
 
-    keys: PaddedRows | kernels.CodedRows
-    values: PaddedRows | kernels.CodedRows
+    keys: PaddedRows | kernels.cpu.CodedRows  # or kernels.gpu.CodedRows: a reader of the stores in place
+    values: PaddedRows | kernels.cpu.CodedRows
     valid: torch.Tensor
     basis: torch.Tensor | None = None
 
@@ -400,7 +427,7 @@ class Body:
         """``query[B, H, Q, D] @ keys^T`` -> ``[B, H, Q, W]``, -inf in empty slots; low-rank keys are scored in
         their reduced space."""
         reduced = query if self.basis is None else query @ self.basis
-        if isinstance(self.keys, kernels.CodedRows):  # they leave -inf in empty slots themselves
+        if not isinstance(self.keys, PaddedRows):  # the kernels leave -inf in empty slots themselves
             return self.keys.scores(reduced)
         return self.keys.scores(reduced).masked_fill_(~self.valid[:, :, None], -torch.inf)
 
@@ -433,15 +460,11 @@ class PaddedLayout:
         counts = torch.stack([store.counts.flatten() for store in stores])  # [stores, B * H]
         self.held = counts.sum(0)
         self.width = int(self.held.max()) if self.held.numel() else 0
-        # Per (store, head): its first row in the store and its first slot in the head (rows are sorted by head).
-        self.starts, self.offsets = counts.cumsum(1) - counts, counts.cumsum(0) - counts
-        # Per store, (starts, counts, offsets) as arrays for the CPU kernels (views of these tensors, no copy).
-        self.segments = None
-        if counts.device.type == "cpu":
-            stored = [store.counts.flatten() for store in stores]
-            self.segments = [
-                tuple(t.numpy() for t in seg) for seg in zip(self.starts, stored, self.offsets, strict=True)
-            ]
+        # Per (store, head): its first row in the store, its row count and its first slot in the head (rows are
+        # sorted by head), one [3, B * H] table per store: where the kernels find rows.
+        table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
+        self.starts, self.offsets = table[:, 0], table[:, 2]
+        self.segments = list(table)
 
     def slots(self) -> list[torch.Tensor]:
         """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at
@@ -455,7 +478,7 @@ class PaddedLayout:
 
     def view(self, dtype: torch.dtype, fused: bool = False) -> Body:
         """Every stored row decoded into its slot (low-rank keys stay coefficients); empty slots are zero.
-        ``fused``: where `kernels` can read the stores in place, the body's rows are `kernels.CodedRows` (same
+        ``fused``: where `kernels` can read the stores in place, the body's rows are their readers (same
         products, no padded copy)."""
         (batch, heads), shape = self.shape, (*self.shape, self.width)
         device = self.held.device
@@ -464,10 +487,11 @@ class PaddedLayout:
         valid = (torch.arange(self.width, device=device) < self.held[:, None]).view(shape)
         basis = self.stores[held[0]].basis
         basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
-        if fused and self.segments is not None and kernels.enabled() and kernels.fusable(keys + values):
+        if fused:
             segments = [self.segments[i] for i in held]
-            keys, values = kernels.CodedRows(keys, segments, shape), kernels.CodedRows(values, segments, shape)
-            return Body(keys, values, valid, basis)
+            read_keys, read_values = kernels.in_place(keys, segments, shape), kernels.in_place(values, segments, shape)
+            if read_keys is not None and read_values is not None:
+                return Body(read_keys, read_values, valid, basis)
         # Which row of the stores, taken in turn, fills each slot; empty slots take the zero row appended last.
         total = sum(store.rows for store in self.stores)
         source = torch.full((batch * heads * self.width,), total, dtype=torch.long, device=device)
@@ -482,11 +506,9 @@ class PaddedLayout:
         the body's slots received), into each row's score and age (`fold_scores`)."""
         if n == 0:
             return
-        if self.segments is not None and kernels.enabled():
+        if kernels.enabled(self.held.device):
             held = [(store, seg) for store, seg in zip(self.stores, self.segments, strict=True) if store.rows]
-            folded = kernels.fold(scores, n, [(seg, store.scores, store.ages) for store, seg in held], reduce)
-            for (store, _), score in zip(held, folded, strict=True):
-                store.scores = score.half()
+            kernels.fold(scores, n, held, self.width, reduce)
             return
         flat = scores.flatten()
         for store, slots in zip(self.stores, self.slots(), strict=True):

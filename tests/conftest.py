@@ -1,7 +1,11 @@
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors; read when a kernel is defined (import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

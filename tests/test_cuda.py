@@ -2,6 +2,7 @@
 half-precision generation that stays close to ``DynamicCache``."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -85,3 +86,45 @@ def test_half_precision_on_cuda_stays_close_to_dynamic_cache(name, dtype, tiny_t
     assert tokens.shape == (len(BATCH_PROMPTS), 12)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits[0], reference[0], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", CACHES)
+def test_a_decode_step_that_does_not_compact_never_waits_for_the_gpu(name, tiny_tok):
+    """Between compactions a decode step only queues GPU work: no ``.item()``, ``bool(tensor)``, ``nonzero()``,
+    ``.tolist()`` on its path (``torch.cuda.set_sync_debug_mode`` reports each with the line that asked). Steps that
+    compact may wait; at least three steps that do not are checked. (A DynamicCache step is no baseline here: on
+    the H200 run, torch 2.11, one of its steps synchronized inside torch itself.)"""
+    model = lively("llama").to("cuda", torch.bfloat16)
+    cache = CACHES[name](model)
+    ids = tiny_tok(BATCH_PROMPTS[:1], return_tensors="pt").input_ids.cuda()
+    compacted = []
+    for layer in cache.layers:
+        if hasattr(layer, "compact"):
+            layer.compact = _counting(layer.compact, compacted)
+    with torch.inference_mode():
+        token = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(2):  # first calls set libraries up
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        checked, syncs = 0, []
+        for _ in range(12):
+            before = len(compacted)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            if len(compacted) == before:
+                checked += 1
+                syncs += [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert checked >= 3, checked
+    assert not syncs, sorted(set(syncs))
+
+
+def _counting(compact, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compact(*args, **kwargs)
+
+    return counted

@@ -283,3 +283,28 @@ def test_a_padded_batch_gives_each_row_what_its_prompt_gives_alone(tiny_tok, cap
         print(f"\nrows whose batched answer differs from the prompt alone: {differ}")
     for name, rows in differ.items():
         assert set(rows) <= set(differ["full"]), name  # only where DynamicCache itself differs
+
+
+@pytest.mark.parametrize("method", ["hetero:k8v4", "sparse:adakv@0.2", "unified:leankv-adakv"])
+def test_a_dropped_cache_frees_its_memory_without_waiting_for_the_garbage_collector(method):
+    """In the model's own dtype (bfloat16 on GPUs) the window attention reads is the layer's own tensor: tagging it
+    for the attention function once made a reference cycle, so a dropped cache held its (GPU) memory until a
+    garbage collection."""
+    import gc
+    import weakref
+
+    from leankv_hf.eval.methods import make_cache
+
+    model = lively("llama").to(torch.bfloat16)
+    cache = make_cache(method, model)
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.randint(3, 200, (1, 300)), past_key_values=cache)
+            for _ in range(2):
+                model(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+        layers = [weakref.ref(layer) for layer in cache.layers]
+        del cache
+        assert all(layer() is None for layer in layers)
+    finally:
+        gc.enable()

@@ -153,12 +153,13 @@ def test_k4v2_packed_bytes_follow_the_formula_on_smollm2(smollm2):
     heads, dim, itemsize = cfg.num_key_value_heads, cfg.head_dim, model.dtype.itemsize
     assert dim == 64 and itemsize == 4
 
-    def expected_bytes(stored, residual):
+    def expected_bytes(stored, residual, decoded=False):
         # per stored token and head: K 64 codes x 4 bits = 32 B, V 64 x 2 bits = 16 B, one group of 64 channels
         # per side, each with an fp16 scale and an fp16 zero (4 B per side); residual: K and V in fp16 (the
-        # fp32 model's window is held at 16 bits when quantizing)
+        # fp32 model's window is held at 16 bits when quantizing); once a decode step read the store in place,
+        # where each head's rows start (3 int64 per head) and a one-byte all-valid mask
         per_layer = stored * heads * (32 + 16 + 4 + 4) + residual * heads * dim * 2 * 2
-        return cfg.num_hidden_layers * per_layer
+        return cfg.num_hidden_layers * (per_layer + (3 * 8 * heads + 1 if decoded else 0))
 
     stored, residual = _expected_split(ids.shape[1], 32)
     for layer in hetero_layers(cache):
@@ -168,7 +169,7 @@ def test_k4v2_packed_bytes_follow_the_formula_on_smollm2(smollm2):
     # One decode step: one more exact token (the window is below 2 * 32 again, no flush)
     with torch.no_grad():
         model(ids[:, -1:], past_key_values=cache)
-    assert cache.nbytes() == expected_bytes(stored, residual + 1)
+    assert cache.nbytes() == expected_bytes(stored, residual + 1, decoded=True)
     assert cache.get_seq_length() == ids.shape[1] + 1
 
 

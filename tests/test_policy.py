@@ -120,7 +120,9 @@ def test_quest_page_bound_is_an_upper_bound_of_every_key_logit():
     logits = torch.einsum("bhgd,bhpsd->bhgps", q, keys).amax(-1).amax(2)  # [B, H, pages]: best key per page
     assert (bound >= logits - 1e-5).all()
     filled = torch.full((batch, kv_heads), pages)
-    pages_chosen, real = QuestPolicy(page_size=size).pages(query, low, high, filled, torch.tensor([2, 2]), forced=0)
+    pages_chosen, real = QuestPolicy(page_size=size).pages(
+        query, low, high, filled, torch.tensor([2, 2]), forced=0, top=2
+    )
     assert real.all()
     expected = bound.topk(2, dim=-1).indices.sort(-1).values
     assert torch.equal(pages_chosen, expected)
@@ -134,11 +136,17 @@ def test_quest_forces_sink_pages_and_skips_empty_ones():
     high[0, 0, 2] = 5.0  # page 2 has the best bound for a positive query
     low[0, 0, 3], high[0, 0, 3] = torch.inf, -torch.inf  # page 3 is empty
     query = torch.ones(1, 1, 1, dim)
-    pages, real = QuestPolicy(page_size=2).pages(query, low, high, torch.tensor([[3]]), torch.tensor([3]), forced=1)
+    pages, real = QuestPolicy(page_size=2).pages(
+        query, low, high, torch.tensor([[3]]), torch.tensor([3]), forced=1, top=3
+    )
     assert pages[real].tolist() == [0, 1, 2]
-    pages, real = QuestPolicy(page_size=2).pages(query, low, high, torch.tensor([[3]]), torch.tensor([2]), forced=1)
+    pages, real = QuestPolicy(page_size=2).pages(
+        query, low, high, torch.tensor([[3]]), torch.tensor([2]), forced=1, top=3
+    )
     assert pages[real].tolist() == [0, 2]
-    pages, real = QuestPolicy(page_size=2).pages(query, low, high, torch.tensor([[3]]), torch.tensor([9]), forced=1)
+    pages, real = QuestPolicy(page_size=2).pages(
+        query, low, high, torch.tensor([[3]]), torch.tensor([9]), forced=1, top=9
+    )
     assert pages[real].tolist() == [0, 1, 2]  # more pages allowed than filled: only the filled ones
 
 

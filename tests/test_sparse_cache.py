@@ -151,15 +151,15 @@ def test_pruned_tokens_leave_memory_on_smollm2(smol, passkey_ids):
 def documented_nbytes(cache) -> int:
     """Exact bytes of a SparseHeadCache per the layout LeanLayer/RaggedStore document: per stored row K and V
     plus int32 position, fp16 score, uint8 age; per tier int64 counts[B, H] and the padded layout's int64 first
-    row and first slot per (batch, head), plus its int64 row count per (batch, head) (see `PaddedLayout`); the
-    recent window's K and V plus
+    row, row count and first slot per (batch, head), plus its int64 row total per (batch, head) (see
+    `PaddedLayout`); the recent window's K and V plus
     fp32 score and uint8 age per (batch, head, token) and a bool valid per (batch, token); int64 padding[B]."""
     total = 0
     for layer in lean_layers(cache):
         batch, heads, recent, dim = layer.keys.shape
         itemsize = layer.keys.element_size()
         rows = sum(tier.rows for tier in layer.tiers)
-        total += rows * (2 * dim * itemsize + 4 + 2 + 1) + (3 * len(layer.tiers) + 1) * batch * heads * 8
+        total += rows * (2 * dim * itemsize + 4 + 2 + 1) + (4 * len(layer.tiers) + 1) * batch * heads * 8
         total += batch * heads * recent * (2 * dim * itemsize + 4 + 1) + batch * recent + batch * 8
     return total
 

@@ -59,12 +59,20 @@ def check_storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"storage_dtype={dtype!r}: choose None (16-bit) or one of {sorted(STORAGE_DTYPES)}")
 
 
+UNATTENDED = (
+    "This cache reads its compressed tokens inside the 'leankv' attention function (and scores prompts from a hook "
+    "on the model's decoder), but the model ran without them. Call leankv_hf.use_leankv_attention(model) (the cache "
+    "constructors do it when given the model)."
+)
+
+
 class CompressedLayer(CacheLayerMixin):
     """What a leankv layer shares: no length limit, the dense geometry the byte counter compares against, and
     beam search / batch expansion through ``_select_batch(index)`` over its batch rows."""
 
     is_sliding = False
     pending = 0  # newest window tokens awaiting a probe's scores (see `scoring`); then the layer compacts
+    attended = True  # whether the 'leankv' attention function read what update() last handed it
     probe = None  # the probe forward in progress (`scoring.Probe`): its keys and values are seen, never stored
 
     def get_max_length(self) -> int:

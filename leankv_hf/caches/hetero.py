@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..attention import use_leankv_attention
 from ..store import DenseStore, Precision, fitting_group
-from .base import CompressedLayer, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
+from .base import UNATTENDED, CompressedLayer, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
 
 
 class HeteroLayer(CompressedLayer):
@@ -17,18 +18,29 @@ class HeteroLayer(CompressedLayer):
     New tokens are attended exactly in the step they arrive; once the window holds ``2 * residual_length``
     tokens, the oldest are quantized in one chunk (a multiple of the key group for per-channel keys). The
     window (and a 16-bit side) is held at ``storage_dtype`` (default: the model's dtype, at most 16 bits).
+
+    ``in_place`` (the model runs the 'leankv' attention function): a decode step hands attention the window alone,
+    and attention reads the store where it lies (`store.DenseStore.body`: the decode kernels where they apply), so
+    no dequantized copy of the cache is made per step. Otherwise, and for prompts, attention gets everything
+    dequantized, which works with any attention implementation.
     """
 
     is_croppable = True
     saved_state = ("keys", "values", "store")  # what `persist` saves and restores
 
     def __init__(
-        self, key: Precision, value: Precision, residual_length: int, storage_dtype: torch.dtype | None = None
+        self,
+        key: Precision,
+        value: Precision,
+        residual_length: int,
+        storage_dtype: torch.dtype | None = None,
+        in_place: bool = False,
     ):
         super().__init__()
         self.store = DenseStore(key, value)
         self.residual_length = residual_length
         self.storage_dtype = storage_dtype
+        self.in_place = in_place
         self.block = key.group_size if key.quantized and key.axis == "channel" else 1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -40,6 +52,10 @@ class HeteroLayer(CompressedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if not self.attended:
+            raise RuntimeError(UNATTENDED)
+        if self.in_place and key_states.shape[-2] == 1 and self.store.length:
+            return self._window_step(key_states, value_states)
         outs = self.peek(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
@@ -60,6 +76,21 @@ class HeteroLayer(CompressedLayer):
         if stored:
             self.store.decode_into(*outs)
         return tuple(outs)
+
+    def _window_step(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A decode step read in place: the window's oldest tokens join the store first (so what attention reads
+        is this step's state), then the new token joins the window, which is handed back tagged for attention."""
+        self._flush()
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        keys, values = self.keys, self.values
+        if keys.dtype != key_states.dtype:  # attend in the model's dtype; the new token exactly as given
+            keys = torch.cat([keys[:, :, :-1].to(key_states.dtype), key_states], dim=-2)
+            values = torch.cat([values[:, :, :-1].to(value_states.dtype), value_states], dim=-2)
+        keys = keys.view_as(keys)  # tag a view: tagging self.keys would make a cycle that holds memory until gc
+        keys.leankv_stored = self
+        self.attended = False
+        return keys, values
 
     def _flush(self) -> None:
         window = self.keys.shape[-2]
@@ -200,8 +231,9 @@ class HeteroConfig:
 class QuantizedHeteroCache(LeanCache):
     """Hetero-KV quantization: keys kept at more bits than values, packed; recent tokens in full precision.
 
-    Works with any attention implementation (it hands back dequantized tensors). Hybrid models keep their
-    sliding-window layers as windows; full-attention layers are quantized. The residual window (and a side at
+    Given the model, it switches it to the 'leankv' attention function, which reads the quantized tokens where they
+    lie at each decode step; given a config, it hands back dequantized tensors (any attention implementation).
+    Hybrid models keep their sliding-window layers as windows; full-attention layers are quantized. The residual window (and a side at
     16 bits) is held at ``storage_dtype``: by default 16-bit, float16 for a float32 model (`sixteen_bit`).
 
     Example:
@@ -243,11 +275,14 @@ class QuantizedHeteroCache(LeanCache):
         key.check_head_dim(dim)
         value.check_head_dim(dim)
         self.settings = cfg
+        in_place = isinstance(model_or_config, PreTrainedModel)
         super().__init__(
             model_or_config,
-            lambda _: HeteroLayer(key, value, residual_length, cfg.storage_dtype),
+            lambda _: HeteroLayer(key, value, residual_length, cfg.storage_dtype, in_place),
             lambda window: SlidingHeteroLayer(key, value, residual_length, cfg.storage_dtype, window),
         )
+        if in_place:
+            use_leankv_attention(model_or_config)
 
     def arguments(self) -> dict:
         return asdict(self.settings)

@@ -14,6 +14,7 @@ Flow: attention -> scores (`observe`) -> policy (`compact`) -> store. Nothing re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import PRUNED, Candidates, Policy
 from ..scoring import ObservationWindow, Scorer
 from ..store import Body, PaddedLayout, PaddedRows, Precision, RaggedStore, decode, fold_scores, select
-from .base import CompressedLayer, sixteen_bit
+from .base import UNATTENDED, CompressedLayer, sixteen_bit
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class LeanLayer(CompressedLayer):
         self.recent_ages = torch.zeros(batch, heads, 0, dtype=torch.uint8, device=self.device)
         self.recent_valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self.padding = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.padded = False  # whether any row is left-padded (host side: a decode step never asks the GPU)
         if self.settings.policy.page_size:
             empty = self.keys.new_empty(batch, heads, 0, key_states.shape[-1])
             self.page_low, self.page_high = empty, empty.clone()
@@ -102,12 +104,12 @@ class LeanLayer(CompressedLayer):
 
     def _head_share(self, batch: int, heads: int, dim: int) -> torch.Tensor:
         """``[B, H]`` bytes of stored rows each head may hold: the cache's cap split over the compressed layers,
-        less what a layer holds besides its rows at most (the exact window just before a compaction, counts, the
-        low-rank basis) and a share of the uncompressed layers' windows."""
+        less what a layer holds besides its rows at most (the exact window just before a compaction, counts and the
+        layout's table per tier, the low-rank basis) and a share of the uncompressed layers' windows."""
         s = self.settings
         item = self.keys.element_size()
         window = s.recent + s.interval
-        per_row = window * heads * (2 * dim * item + 4 + 1) + window + 8 + 8 * heads * len(self.tiers)
+        per_row = window * heads * (2 * dim * item + 4 + 1) + window + 8 + 8 * heads * (4 * len(self.tiers) + 1)
         rank = s.tiers[0][0].rank
         per_row += heads * dim * rank * item if rank else 0
         per_row += s.reserve_tokens * heads * 2 * dim * item / s.budget_layers  # at most 16-bit (sliding layers)
@@ -127,11 +129,7 @@ class LeanLayer(CompressedLayer):
         if self.probe is not None:  # a probe re-reads pending tokens: it sees part of the window; nothing is stored
             return self._probe_view(key_states, value_states)
         if not self.attended or self.pending:
-            raise RuntimeError(
-                "This cache compresses inside the 'leankv' attention function and scores prompts from a hook on the "
-                "model's decoder, but the model ran without them. Call leankv_hf.use_leankv_attention(model) (the "
-                "cache constructors do it when given the model)."
-            )
+            raise RuntimeError(UNATTENDED)
         self.attended = False
         batch, heads, new = key_states.shape[:3]
         self.keys = torch.cat([self.keys, key_states.to(self.storage_dtype)], dim=-2)
@@ -144,6 +142,7 @@ class LeanLayer(CompressedLayer):
         if self.storage_dtype != self.dtype:  # attend in the model's dtype; this step's tokens exactly as given
             keys = torch.cat([keys[:, :, :-new].to(self.dtype), key_states], dim=-2)
             values = torch.cat([values[:, :, :-new].to(self.dtype), value_states], dim=-2)
+        keys = keys.view_as(keys)  # tag a view: tagging self.keys would make a cycle that holds memory until gc
         keys.leankv_layer = self
         return keys, values
 
@@ -161,6 +160,7 @@ class LeanLayer(CompressedLayer):
     def restored(self) -> None:
         """After `persist` filled the saved state in: rebuild what follows from it."""
         self._layout = PaddedLayout(self.tiers)
+        self.padded = bool(self.padding.any())
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
@@ -205,24 +205,26 @@ class LeanLayer(CompressedLayer):
         if not any(tier.rows for tier in self.tiers):
             return None
         if self.settings.policy.page_size and query is not None and query.shape[2] == 1:
-            paged = self._page_view(query, dtype)
-            if paged is not None:
-                return paged  # a query-aware policy takes no scores
+            return self._page_view(query, dtype)  # a query-aware policy takes no scores
         self._viewed = True
         return self._layout.view(dtype, fused)
 
-    def _page_view(self, query: torch.Tensor, dtype: torch.dtype):
-        """The pages the policy picks for ``query``, gathered from the store: a `Body` of width pages x page size,
-        or None when the budget covers every page (then the full view is the same)."""
+    def _page_view(self, query: torch.Tensor, dtype: torch.dtype) -> Body:
+        """The pages the policy picks for ``query``, gathered from the store: a `Body` of width pages x page size.
+        Decided on the device: how many pages a head may take is bounded on the host (from the token count alone),
+        so no decode step waits for the GPU."""
         tier, size = self.tiers[0], self.settings.policy.page_size  # nothing is evicted: one tier holds all
         counts = tier.counts
         filled = (counts + size - 1) // size
         allowed = self._allowance(self.seen - self.padding) - self.recent_valid.sum(-1)
         forced = -(-self.settings.sink // size)  # the pages holding the sinks
         k = ((allowed.clamp_min(0) + size - 1) // size).clamp_min(forced)
-        if bool((k[:, None] >= filled).all()):
-            return None
-        pages, chosen = self.settings.policy.pages(query, self.page_low, self.page_high, filled, k, forced)
+        budget = self.settings.budget  # without padding the recent window is all valid: k is known exactly
+        most = (budget if isinstance(budget, int) else math.ceil(self.seen * budget)) - (
+            0 if self.padded else self.keys.shape[-2]
+        )
+        top = max(-(-max(most, 0) // size), forced)
+        pages, chosen = self.settings.policy.pages(query, self.page_low, self.page_high, filled, k, forced, top)
         rank = (pages[..., None] * size + torch.arange(size, device=self.device)).flatten(2)  # [B, H, K * size]
         valid = chosen.repeat_interleave(size, -1) & (rank < counts[..., None])
         starts = (counts.flatten().cumsum(0) - counts.flatten()).view_as(counts)
@@ -232,7 +234,9 @@ class LeanLayer(CompressedLayer):
         values = decode(select(tier.values, 0, rows), dtype).view(batch, heads, width, -1)
         return Body(PaddedRows(keys), PaddedRows(values), valid)
 
-    def observe(self, scores: torch.Tensor | None, n_queries: int, visible: torch.Tensor, query_length: int) -> None:
+    def observe(
+        self, scores: torch.Tensor | None, n_queries: int, visible: torch.Tensor | None, query_length: int
+    ) -> None:
         """Take the attention ``scores[B, H, body + recent]`` of ``n_queries`` queries (their sum, or their maximum
         when the scorer reduces by max) out of a forward of ``query_length``; compact when due. A prompt that a
         probe scores is left pending: the cache compacts after the probe (`LeanCache.after_forward`)."""
@@ -250,6 +254,7 @@ class LeanLayer(CompressedLayer):
             # Left padding: tokens the last prompt query cannot see are padding, never kept.
             self.recent_valid = self.recent_valid & visible
             self.padding = (~visible).sum(-1)
+            self.padded = bool(self.padding.any())
             self.prefilled = True
         if self.settings.scorer.probes and query_length > 1 and not self.settings.policy.page_size:
             self.pending = query_length

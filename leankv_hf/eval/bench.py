@@ -1,18 +1,24 @@
 """``leankv bench``: what each cache costs in bytes and time as the context grows.
 
-For each method and context length: prefill a seeded passkey-style prompt of exactly that many tokens into a
-fresh cache, decode greedily one token at a time, and measure the stored bytes after the prefill and after the
+For each method and context length: prefill ``batch`` seeded passkey-style prompts of exactly that many tokens
+(seeded random token ids for a model without a tokenizer, ``random:<name>``) into a fresh cache, decode greedily one
+token at a time, and measure the stored bytes after the prefill and after the
 decode steps (against a 16-bit dense cache of the same tokens), and the peak memory the prefill and decode take
 above what the same method takes for a 64-token prompt (so one-time costs, such as kernel compilation, cancel): on
 CUDA the allocator's peak, on CPU (``peak_rss``) the peak resident set of a fresh process per method and length.
 Times are medians over repeats and are also given relative to ``full`` (a ``DynamicCache``) measured in the same
 run at the same length, which is always included. Every output file starts with how and where it was measured.
+
+Capacity (`run_capacity`): under a memory budget, the largest batch each method decodes at a context length, and
+its tokens/s there.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime
+import gc
 import io
 import json
 import os
@@ -43,20 +49,25 @@ from .timing import clock
 class BenchRow:
     method: str
     length: int
+    batch: int
     cache_bytes: int  # stored, after the decode steps
     dense_bytes: int  # a 16-bit DynamicCache of the same tokens
     ratio: float  # cache_bytes / dense_bytes
     prefill_cache_bytes: int  # stored right after the prefill (before any deferred compaction)
     prefill_s: float  # median over repeats
-    decode_ms_per_token: float  # median over repeats
+    decode_ms_per_token: float  # median over repeats; one step (a token for every batch row)
+    tokens_per_s: float  # batch tokens per second of decode
     prefill_vs_full: float
     decode_vs_full: float
     peak_memory_bytes: int | None  # prefill + decode, above the 64-token peak; CPU: only with ``peak_rss``
     prefill_chunk: int | None  # tokens per prefill forward (None: the whole prompt in one)
 
 
-def bench_prompt(tokenizer: PreTrainedTokenizerBase, length: int, seed: int = 0) -> list[int]:
-    """Exactly ``length`` token ids of passkey-style text (a seeded key in the middle of the filler)."""
+def bench_prompt(tokenizer: PreTrainedTokenizerBase | None, length: int, seed: int = 0, vocab: int = 0) -> list[int]:
+    """Exactly ``length`` token ids of passkey-style text (a seeded key in the middle of the filler); without a
+    tokenizer (a random-weight model), seeded random ids below ``vocab``."""
+    if tokenizer is None:
+        return torch.randint(vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
     key = str(random.Random(f"bench:{seed}").randint(10000, 99999))
     example, _ = fit_length(lambda n: passkey_example(n, 0.5, key), tokenizer, length + 64, start=max(length // 8, 1))
     ids = encode(tokenizer, example)[0]
@@ -68,35 +79,44 @@ def bench_prompt(tokenizer: PreTrainedTokenizerBase, length: int, seed: int = 0)
 SMALL = 64  # tokens of the prompt whose peak memory is each method's baseline
 
 
+def _prefill(model: PreTrainedModel, tokens: torch.Tensor, cache, prefill_chunk: int | None) -> torch.Tensor:
+    """Prefill ``tokens`` into ``cache`` (``prefill_chunk`` tokens per forward); the first greedy token per row."""
+    if prefill_chunk is not None and tokens.shape[1] > 1:  # all but the last token in chunks; it gives the logits
+        prefill(model, cache, tokens[:, :-1], chunk_size=prefill_chunk)
+        tokens = tokens[:, -1:]
+    logits = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _decode(model: PreTrainedModel, cache, token: torch.Tensor, steps: int) -> float:
+    """Seconds for ``steps`` greedy decode steps from ``token``."""
+    start = clock(model.device)
+    for _ in range(steps):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return clock(model.device) - start
+
+
 @torch.inference_mode()
 def _measure(
-    model: PreTrainedModel, ids: list[int], spec: Spec, decode_tokens: int, prefill_chunk: int | None = None
+    model: PreTrainedModel, ids: list[list[int]], spec: Spec, decode_tokens: int, prefill_chunk: int | None = None
 ) -> dict:
-    """One repeat: prefill into a fresh cache (``prefill_chunk`` tokens per forward), read its bytes, decode
-    ``decode_tokens`` greedy tokens."""
+    """One repeat: prefill the rows of ``ids`` into a fresh cache (``prefill_chunk`` tokens per forward), read its
+    bytes, decode ``decode_tokens`` greedy tokens."""
     from leankv_hf.monitor import cache_nbytes, dense_nbytes
 
     device = model.device
     cuda = device.type == "cuda"
-    tokens = torch.tensor([ids], device=device)
     cache = make_cache(spec, model)
     if cuda:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = clock(device)
-    if prefill_chunk is not None and tokens.shape[1] > 1:  # all but the last token in chunks; it gives the logits
-        prefill(model, cache, tokens[:, :-1], chunk_size=prefill_chunk)
-        tokens = tokens[:, -1:]
-    logits = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    token = _prefill(model, torch.tensor(ids, device=device), cache, prefill_chunk)
     prefill_s = clock(device) - start
     after_prompt = cache_nbytes(cache)
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    start = clock(device)
-    for _ in range(decode_tokens):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-    decode_s = clock(device) - start
+    decode_s = _decode(model, cache, token, decode_tokens)
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
     return {
         "prefill_s": prefill_s,
@@ -130,7 +150,7 @@ def _resident_peak(run) -> int:
 
 
 def peak_rss(
-    model_name: str, dtype: str | None, spec: Spec, ids: list[int], decode_tokens: int, prefill_chunk: int | None
+    model_name: str, dtype: str | None, spec: Spec, ids: list[list[int]], decode_tokens: int, prefill_chunk: int | None
 ) -> int:
     """Peak resident memory of one ``_measure`` of ``ids`` above that of a ``SMALL``-token prompt, both in one fresh
     process (CPU; Linux). The allocator returns every large buffer at once (a fixed mmap threshold), so the
@@ -153,12 +173,13 @@ def _peak_rss_job() -> None:
     model, _ = load_model(job["model"], dtype=job["dtype"])
     ids, spec = job["ids"], job["spec"]
 
-    def measure(tokens):
-        return lambda: _measure(model, tokens, spec, job["decode"], job["chunk"])
+    def measure(length: int):
+        return lambda: _measure(model, [row[:length] for row in ids], spec, job["decode"], job["chunk"])
 
-    measure(ids[: _warm_length(len(ids), job["chunk"])])()  # compile every path first: outside both measurements
-    small = _resident_peak(measure(ids[:SMALL]))
-    print(_resident_peak(measure(ids)) - small)
+    length = len(ids[0])
+    measure(_warm_length(length, job["chunk"]))()  # compile every path first: outside both measurements
+    small = _resident_peak(measure(SMALL))
+    print(_resident_peak(measure(length)) - small)
 
 
 def run_bench(
@@ -171,25 +192,34 @@ def run_bench(
     seed: int = 0,
     prefill_chunk: int | None = None,
     rss_of: str | None = None,
+    batch: int = 1,
 ) -> list[BenchRow]:
-    """Measure every method (``full`` added first when missing) at every length. Repeats go round the methods
-    (full, a, b, full, a, b, ...), so a slow spell of a shared machine lands on every method alike. ``rss_of``: the
-    model's name or path, to measure peak memory on CPU (`peak_rss`, one process per method and length)."""
+    """Measure every method (``full`` added first when missing) at every length, ``batch`` prompts at once. Repeats
+    go round the methods (full, a, b, full, a, b, ...), so a slow spell of a shared machine lands on every method
+    alike. ``rss_of``: the model's name or path, to measure peak memory on CPU (`peak_rss`, one process per method
+    and length)."""
     for spec in methods:
         parse_method(spec)
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1, or None (one forward)")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r} must be an int >= 1")
     if rss_of is not None and (model.device.type != "cpu" or not os.path.exists("/proc/self/clear_refs")):
         raise ValueError(f"peak resident memory is measured on CPU under Linux; the model is on {model.device}")
     methods = list(methods) if "full" in [method_label(m) for m in methods] else ["full", *methods]
-    warm = bench_prompt(tokenizer, _warm_length(max(lengths), prefill_chunk), seed)
+
+    def prompts(length: int) -> list[list[int]]:
+        return [bench_prompt(tokenizer, length, seed + row, model.config.vocab_size) for row in range(batch)]
+
+    warm = prompts(_warm_length(max(lengths), prefill_chunk))
     small_peak = {}
     for spec in methods:  # first calls pay for allocations and lazy imports: keep them out of every measurement
         _measure(model, warm, spec, 2, prefill_chunk)
-        small_peak[method_label(spec)] = _measure(model, warm[:SMALL], spec, decode_tokens, prefill_chunk)["peak"]
+        small = [row[:SMALL] for row in warm]
+        small_peak[method_label(spec)] = _measure(model, small, spec, decode_tokens, prefill_chunk)["peak"]
     rows = []
     for length in lengths:
-        ids = bench_prompt(tokenizer, length, seed)
+        ids = prompts(length)
         runs_of = {method_label(spec): [] for spec in methods}
         for _ in range(repeats):
             for spec in methods:
@@ -217,16 +247,131 @@ def run_bench(
                 BenchRow(
                     method=label,
                     length=length,
+                    batch=batch,
                     cache_bytes=m["stored"],
                     dense_bytes=m["dense"],
                     ratio=m["stored"] / m["dense"] if m["dense"] else float("nan"),
                     prefill_cache_bytes=m["after_prompt"],
                     prefill_s=m["prefill_s"],
                     decode_ms_per_token=m["decode_ms"],
+                    tokens_per_s=1000 * batch / m["decode_ms"],
                     prefill_vs_full=m["prefill_s"] / full["prefill_s"],
                     decode_vs_full=m["decode_ms"] / full["decode_ms"],
                     peak_memory_bytes=m["peak"],
                     prefill_chunk=prefill_chunk,
+                )
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class CapacityRow:
+    method: str
+    length: int
+    budget_bytes: int
+    batch: int  # the largest batch that decodes within the budget (0: not one row)
+    memory_bytes: int  # what that batch took: CUDA peak above what was allocated before it; CPU: its stored cache
+    tokens_per_s: float  # decode throughput at that batch
+    batch_vs_full: float
+    tokens_per_s_vs_full: float
+
+
+MAX_BATCH = 4096
+
+
+@torch.inference_mode()
+def _capacity(model, ids: list[int], spec: Spec, budget: int, decode_tokens: int, prefill_chunk: int | None):
+    """(batch, memory, tokens/s) of the largest batch of ``ids``' context that ``spec`` decodes within ``budget``
+    bytes. One context is prefilled, then its cache repeated to each candidate batch (requests sharing a prompt, or
+    prefilled one at a time and decoded together, as a server does); a batch fits when decoding two steps peaks
+    within the budget (CUDA: the allocator's peak above what was allocated before the batch; CPU: the stored
+    cache) and runs out of no memory. Doubling, then bisection."""
+    from leankv_hf.monitor import cache_nbytes
+
+    device = model.device
+    cuda = device.type == "cuda"
+    cache = make_cache(spec, model)
+    token = _prefill(model, torch.tensor([ids], device=device), cache, prefill_chunk)
+
+    def trial(batch: int, steps: int) -> tuple[int, float] | None:
+        """(memory, seconds for ``steps`` decode steps) at ``batch``, or None when it does not fit."""
+        gc.collect()  # what earlier trials left: a cache held in a reference cycle would count against this one
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            batched = copy.deepcopy(cache)
+            batched.batch_repeat_interleave(batch)
+            seconds = _decode(model, batched, token.repeat_interleave(batch, 0), steps)
+            memory = torch.cuda.max_memory_allocated(device) - base if cuda else cache_nbytes(batched)
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            batched = None
+        return (memory, seconds) if memory <= budget else None
+
+    fits, fails = 0, None
+    while fails is None and fits < MAX_BATCH:
+        candidate = max(1, 2 * fits)
+        if trial(candidate, 2) is None:
+            fails = candidate
+        else:
+            fits = candidate
+    while fails is not None and fails - fits > 1:
+        middle = (fits + fails) // 2
+        if trial(middle, 2) is None:
+            fails = middle
+        else:
+            fits = middle
+    if fits == 0:
+        return 0, 0, 0.0
+    measured = trial(fits, decode_tokens)
+    if measured is None:  # fitted in two steps, not in more (the cache grew): one row fewer
+        fits -= 1
+        measured = trial(fits, decode_tokens) if fits else (0, float("inf"))
+    memory, seconds = measured
+    return fits, memory, fits * decode_tokens / seconds if fits else 0.0
+
+
+def run_capacity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    methods: Sequence[Spec],
+    lengths: Sequence[int],
+    budget_gb: float,
+    decode_tokens: int = 16,
+    seed: int = 0,
+    prefill_chunk: int | None = None,
+) -> list[CapacityRow]:
+    """Per method (``full`` first) and length: the largest batch that decodes within ``budget_gb`` GiB, and its
+    tokens/s (`_capacity`), also as ratios to ``full``'s."""
+    for spec in methods:
+        parse_method(spec)
+    if not budget_gb > 0:
+        raise ValueError(f"budget_gb={budget_gb!r} must be > 0")
+    methods = list(methods) if "full" in [method_label(m) for m in methods] else ["full", *methods]
+    budget = int(budget_gb * 2**30)
+    _capacity(model, bench_prompt(tokenizer, SMALL, seed, model.config.vocab_size), methods[0], budget, 2, None)
+    rows = []
+    for length in lengths:
+        ids = bench_prompt(tokenizer, length, seed, model.config.vocab_size)
+        found = {
+            method_label(spec): _capacity(model, ids, spec, budget, decode_tokens, prefill_chunk) for spec in methods
+        }
+        full_batch, _, full_speed = found["full"]
+        for label, (batch, memory, speed) in found.items():
+            rows.append(
+                CapacityRow(
+                    method=label,
+                    length=length,
+                    budget_bytes=budget,
+                    batch=batch,
+                    memory_bytes=memory,
+                    tokens_per_s=speed,
+                    batch_vs_full=batch / full_batch if full_batch else float("nan"),
+                    tokens_per_s_vs_full=speed / full_speed if full_speed else float("nan"),
                 )
             )
     return rows
@@ -255,22 +400,31 @@ def environment(model: PreTrainedModel, command: str | None = None) -> dict[str,
     }
 
 
-def write_bench(rows: Sequence[BenchRow], out_dir: str | Path, env: dict[str, str]) -> list[Path]:
-    """``bench.csv`` (``#`` header lines), ``bench.md`` and ``bench.png`` in ``out_dir``."""
-    out_dir = Path(out_dir)
+def _write_tables(rows: Sequence, out_dir: Path, name: str, env: dict[str, str]) -> list[Path]:
+    """``{name}.csv`` (``#`` header lines saying how it was measured) and ``{name}.md`` of dataclass ``rows``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [f.name for f in fields(BenchRow)]
-
+    names = [f.name for f in fields(rows[0])]
     buffer = io.StringIO()
     buffer.writelines(f"# {key}: {value}\n" for key, value in env.items())
     writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
-    write_atomic(out_dir / "bench.csv", buffer.getvalue())
-
+    write_atomic(out_dir / f"{name}.csv", buffer.getvalue())
     header = "".join(f"- {key}: `{value}`\n" for key, value in env.items())
     table = markdown_table(tuple(names), [tuple(asdict(r).values()) for r in rows])
-    write_atomic(out_dir / "bench.md", f"# leankv bench\n\n{header}\n{table}\n")
+    write_atomic(out_dir / f"{name}.md", f"# leankv bench ({name})\n\n{header}\n{table}\n")
+    return [out_dir / f"{name}.csv", out_dir / f"{name}.md"]
+
+
+def write_capacity(rows: Sequence[CapacityRow], out_dir: str | Path, env: dict[str, str]) -> list[Path]:
+    """``capacity.csv`` and ``capacity.md`` in ``out_dir``."""
+    return _write_tables(rows, Path(out_dir), "capacity", env)
+
+
+def write_bench(rows: Sequence[BenchRow], out_dir: str | Path, env: dict[str, str]) -> list[Path]:
+    """``bench.csv`` (``#`` header lines), ``bench.md`` and ``bench.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    tables = _write_tables(rows, out_dir, "bench", env)
 
     plt = pyplot()
     peaks = all(r.peak_memory_bytes is not None for r in rows)
@@ -301,7 +455,7 @@ def write_bench(rows: Sequence[BenchRow], out_dir: str | Path, env: dict[str, st
     figure.text(0.01, -0.02, env["command"], fontsize=7, family="monospace")
     plot = save_png(figure, out_dir / "bench.png")
     plt.close(figure)
-    return [out_dir / "bench.csv", out_dir / "bench.md", plot]
+    return [*tables, plot]
 
 
 if __name__ == "__main__":

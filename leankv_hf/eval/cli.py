@@ -64,7 +64,11 @@ class Option:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
-_MODEL = Option("--model", DEFAULT_MODEL, help="embedded model name, .gguf file, checkpoint directory or hub id")
+_MODEL = Option(
+    "--model",
+    DEFAULT_MODEL,
+    help="embedded model name, .gguf file, checkpoint directory, hub id, or random:<name> (bench: random weights)",
+)
 _METHODS = Option("--methods", ["full"], _methods, help="comma-separated cache methods, or a YAML file listing them")
 _SEED = Option("--seed", 0, int, help="seed for generated prompts")
 _PREFILL_CHUNK = Option(
@@ -131,6 +135,13 @@ BENCH_OPTIONS = (
     Option("--lengths", [1024, 2048, 4096, 8192], _ints, help="context lengths in tokens"),
     Option("--decode-tokens", 32, int, help="tokens decoded per measurement"),
     Option("--repeats", 3, int, help="measurements per method and length (medians are reported)"),
+    Option("--batch", 1, int, help="prompts decoded together (each its own seeded prompt)"),
+    Option(
+        "--capacity-gb",
+        None,
+        float,
+        help="instead: the largest batch each method decodes within this many GiB (above the weights), and its tokens/s",
+    ),
     _PREFILL_CHUNK,
     Option(
         "--peak-rss",
@@ -236,9 +247,11 @@ def build_task(args: argparse.Namespace) -> Task:
     return TASKS[args.task](**kwargs)
 
 
-def _load(args: argparse.Namespace, device: str | None):
-    from ..models import load_model
+def _load(args: argparse.Namespace, device: str | None, command: str):
+    from ..models import load_model, no_random_weights
 
+    if command != "bench":
+        no_random_weights(args.model)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     for spec in args.methods:
         make_cache(spec, model)  # fail now, not after hours, when a backend is missing
@@ -262,7 +275,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
         # On CPU-only machines accelerate shards only when told so (gloo processes from torchrun / accelerate).
         state = PartialState(cpu=(args.device or "").startswith("cpu") or not torch.cuda.is_available())
         with state.main_process_first():  # the main process converts an embedded model once; the others then load it
-            model, tokenizer = _load(args, args.device or (str(state.device) if state.num_processes > 1 else None))
+            model, tokenizer = _load(
+                args, args.device or (str(state.device) if state.num_processes > 1 else None), "eval"
+            )
     except (ValueError, ImportError, FileNotFoundError) as error:
         return _error("eval", error)
     summary = run_eval(
@@ -285,25 +300,38 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    """``leankv bench``: bytes and speed per method and length, written as CSV, markdown and a plot."""
-    from .bench import environment, run_bench, write_bench
+    """``leankv bench``: bytes and speed per method and length (or, with ``--capacity-gb``, the largest batch each
+    method decodes within a memory budget), written as CSV and markdown (and a plot)."""
+    from .bench import environment, run_bench, run_capacity, write_bench, write_capacity
 
     try:
         resolve(args, BENCH_OPTIONS)
-        model, tokenizer = _load(args, args.device)
+        if args.capacity_gb is not None and not args.capacity_gb > 0:
+            raise ValueError(f"--capacity-gb {args.capacity_gb} must be > 0")
+        if args.batch < 1:
+            raise ValueError(f"--batch {args.batch} must be >= 1")
+        model, tokenizer = _load(args, args.device, "bench")
     except (ValueError, ImportError, FileNotFoundError) as error:
         return _error("bench", error)
-    rows = run_bench(
-        model,
-        tokenizer,
-        args.methods,
-        args.lengths,
-        args.decode_tokens,
-        args.repeats,
-        args.seed,
-        args.prefill_chunk,
-        rss_of=args.model if args.peak_rss == "yes" else None,
-    )
-    paths = write_bench(rows, args.out, environment(model))
+    if args.capacity_gb is not None:
+        rows = run_capacity(
+            model, tokenizer, args.methods, args.lengths, args.capacity_gb, args.decode_tokens, args.seed,
+            args.prefill_chunk,
+        )  # fmt: skip
+        paths = write_capacity(rows, args.out, environment(model))
+    else:
+        rows = run_bench(
+            model,
+            tokenizer,
+            args.methods,
+            args.lengths,
+            args.decode_tokens,
+            args.repeats,
+            args.seed,
+            args.prefill_chunk,
+            rss_of=args.model if args.peak_rss == "yes" else None,
+            batch=args.batch,
+        )
+        paths = write_bench(rows, args.out, environment(model))
     print(Path(paths[1]).read_text())
     return 0

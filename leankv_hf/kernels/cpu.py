@@ -7,8 +7,7 @@ and apply each row's scale and zero on the fly, so a code is read once and no fl
 logits ``[B, H, Q, W]`` (the softmax needs them) and the outputs are written.
 
 Used for stores on CPU whose rows are int codes with per-token groups, when numba is installed (the ``cpu``
-extra); everything else, and ``LEANKV_FUSED=0``, takes the padded view. Both give the same products up to float
-summation order.
+extra); everything else takes the padded view. Both give the same products up to float summation order.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import QuantizedTensor
-from .quant.packing import unpack
+from ..quant import QuantizedTensor
+from ..quant.packing import unpack
 
 try:
     import numba
@@ -32,11 +31,6 @@ except ImportError:  # the padded view serves instead
     numba = None
 
 QUERY_BLOCK = 4  # query rows a kernel scores together (one code read feeds four accumulators)
-
-
-def enabled() -> bool:
-    """Whether the fused kernels may run: numba importable and not switched off with ``LEANKV_FUSED=0``."""
-    return numba is not None and os.environ.get("LEANKV_FUSED", "1") != "0"
 
 
 def fusable(parts: list) -> bool:
@@ -170,7 +164,7 @@ def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean"
     folded = []
     for segments, score, ages in stores:
         out = torch.empty(score.shape[0])
-        _fold(flat, *segments, n, reduce == "max", _bits(score), lut, ages.numpy(), out.numpy())
+        _fold(flat, *(t.numpy() for t in segments), n, reduce == "max", _bits(score), lut, ages.numpy(), out.numpy())
         folded.append(out)
     return folded
 
@@ -197,13 +191,19 @@ class _Part:
 class CodedRows:
     """The rows of some stores' keys or values, read in place: the products of `store.PaddedRows` (``scores``,
     ``weigh``) without a padded copy. ``segments`` holds, per store, ``(starts, counts, offsets)`` per (batch,
-    head) as int64 arrays (`PaddedLayout.segments`)."""
+    head) as int64 tensors (`PaddedLayout.segments`)."""
 
     def __init__(self, parts: list[QuantizedTensor], segments: list[tuple], shape: tuple[int, int, int]):
         self.shape = shape  # (batch, heads, width)
         self.dim = parts[0].last_dim
         self.parts = [
-            _Part(unpack(p.payload, p.bits).numpy(), _bits(p.scale), _bits(p.zero), _to_float32(p.scale.dtype), *seg)
+            _Part(
+                unpack(p.payload, p.bits).numpy(),
+                _bits(p.scale),
+                _bits(p.zero),
+                _to_float32(p.scale.dtype),
+                *(t.numpy() for t in seg),
+            )
             for p, seg in zip(parts, segments, strict=True)
         ]
 

@@ -1,0 +1,54 @@
+"""Decode kernels that read a ragged store's rows where they lie, behind one dispatch by device: numba on CPU
+(`cpu`, the ``cpu`` extra), Triton on CUDA (`gpu`, triton ships with CUDA builds of torch). Where neither applies
+(another device, a missing package, rows they do not read, ``LEANKV_FUSED=0``) attention takes the padded view;
+both give the same products up to float summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import cpu
+
+
+def enabled(device: torch.device | str = "cpu") -> bool:
+    """Whether the kernels for ``device`` may run: their package importable, not switched off (``LEANKV_FUSED=0``)."""
+    if os.environ.get("LEANKV_FUSED", "1") == "0":
+        return False
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return cpu.numba is not None
+    return kind == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _gpu():
+    from . import gpu  # imports triton: only once a CUDA cache decodes
+
+    return gpu
+
+
+def in_place(parts: list, segments: list[tuple], shape: tuple[int, int, int]):
+    """A reader of ``parts`` (one side of some stores) that gives `store.PaddedRows`' products in place, or None
+    where no kernel reads them. ``segments``: per part, ``(starts, counts, offsets)`` per (batch, head)."""
+    device = parts[0].device
+    if not enabled(device):
+        return None
+    backend = cpu if device.type == "cpu" else _gpu()
+    return backend.CodedRows(parts, segments, shape) if backend.fusable(parts) else None
+
+
+def fold(scores: torch.Tensor, n: int, held: list[tuple], width: int, reduce: str = "mean") -> None:
+    """`store.fold_scores` for the rows of several stores at once, each row reading ``scores[B, H, ...]`` at its
+    slot; ``held``: per store ``(store, segment)`` (`PaddedLayout.segments`), ``width`` the longest head's rows.
+    Call where `enabled` for the scores' device."""
+    if scores.device.type != "cpu":
+        _gpu().fold(scores, n, held, width, reduce)
+        return
+    folded = cpu.fold(scores, n, [(segment, store.scores, store.ages) for store, segment in held], reduce)
+    for (store, _), score in zip(held, folded, strict=True):
+        store.scores = score.half()
