@@ -8,6 +8,7 @@ import torch
 from helpers import BATCH_PROMPTS, GREEDY, TINY_PROMPT, generate, lively
 from transformers import DynamicCache
 
+from leankv_hf.caches import hetero
 from leankv_hf.caches.hetero import HeteroLayer, QuantizedHeteroCache, SlidingHeteroLayer
 from leankv_hf.testing import ARCHITECTURES, tiny_model
 
@@ -153,13 +154,12 @@ def test_k4v2_packed_bytes_follow_the_formula_on_smollm2(smollm2):
     heads, dim, itemsize = cfg.num_key_value_heads, cfg.head_dim, model.dtype.itemsize
     assert dim == 64 and itemsize == 4
 
-    def expected_bytes(stored, residual, decoded=False):
+    def expected_bytes(stored, residual):
         # per stored token and head: K 64 codes x 4 bits = 32 B, V 64 x 2 bits = 16 B, one group of 64 channels
         # per side, each with an fp16 scale and an fp16 zero (4 B per side); residual: K and V in fp16 (the
-        # fp32 model's window is held at 16 bits when quantizing); once a decode step read the store in place,
-        # where each head's rows start (3 int64 per head) and a one-byte all-valid mask
+        # fp32 model's window is held at 16 bits when quantizing)
         per_layer = stored * heads * (32 + 16 + 4 + 4) + residual * heads * dim * 2 * 2
-        return cfg.num_hidden_layers * (per_layer + (3 * 8 * heads + 1 if decoded else 0))
+        return cfg.num_hidden_layers * per_layer
 
     stored, residual = _expected_split(ids.shape[1], 32)
     for layer in hetero_layers(cache):
@@ -169,7 +169,7 @@ def test_k4v2_packed_bytes_follow_the_formula_on_smollm2(smollm2):
     # One decode step: one more exact token (the window is below 2 * 32 again, no flush)
     with torch.no_grad():
         model(ids[:, -1:], past_key_values=cache)
-    assert cache.nbytes() == expected_bytes(stored, residual + 1, decoded=True)
+    assert cache.nbytes() == expected_bytes(stored, residual + 1)
     assert cache.get_seq_length() == ids.shape[1] + 1
 
 
@@ -478,3 +478,26 @@ def test_group_not_dividing_tiny_head_dim_raises():
         QuantizedHeteroCache(model, group_size=12)
     with pytest.raises(ValueError, match="group_size=12"):
         QuantizedHeteroCache(model.config, key_bits=16, value_bits=4, group_size=12)
+
+
+# --------------------------------------------------------------------------- decode steps reading the store in place
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_store_read_in_place_gives_what_the_dequantized_path_gives(arch, tiny_tok, monkeypatch):
+    """At 16 bits exactly a DynamicCache; at K8V4 the dequantized path's tokens, logits within float summation
+    order. Left-padded rows included (the mask spans the store and the window)."""
+    model = lively(arch)
+    inputs = tiny_tok(BATCH_PROMPTS, return_tensors="pt", padding=True)
+    ref, ref_logits = generate_scored(model, inputs, DynamicCache(config=model.config), 16)
+    dense = generate_scored(model, inputs, QuantizedHeteroCache(model, group_size=16, residual_length=4), 16)
+    monkeypatch.setattr(hetero, "IN_PLACE_DEVICES", ("cuda", "cpu"))
+    exact = QuantizedHeteroCache(model, key_bits=16, value_bits=16, storage_dtype=torch.float32, residual_length=4)
+    out, logits = generate_scored(model, inputs, exact, 16)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    quantized = QuantizedHeteroCache(model, group_size=16, residual_length=4)
+    out, logits = generate_scored(model, inputs, quantized, 16)
+    assert torch.equal(out, dense[0])
+    torch.testing.assert_close(logits, dense[1], rtol=1e-3, atol=1e-3)
+    assert all(layer.store.length > 0 and layer.store._segments is not None for layer in hetero_layers(quantized))
