@@ -11,7 +11,6 @@ from ..attention import use_leankv_attention
 from ..store import DenseStore, Precision, fitting_group
 from .base import UNATTENDED, CompressedLayer, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
 
-
 IN_PLACE_DEVICES = ("cuda",)  # where a decode step reads the store in place (see `HeteroLayer`)
 
 
