@@ -129,16 +129,8 @@ def leankv_attention(
     packed_q = _gqa_pack(query, groups)
     valid = None if body is None else body.valid
     if window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores
-        logits = torch.matmul(packed_q, key.transpose(-1, -2))
-        if attention_mask is not None or q_len > 1:  # else one query, no padding: it sees the whole window
-            logits.masked_fill_(~_visible(recent_mask, None, slice(None), heads, groups), -torch.inf)
-        if body is not None:
-            logits = torch.cat([body.logits(packed_q), logits], -1)
-        probs = torch.softmax(logits.float().mul_(scale), dim=-1)
-        probs_v = probs.to(value.dtype)
-        out = torch.matmul(probs_v[..., -key.shape[2] :], value)
-        if body is not None:
-            out += body.values.weigh(probs_v[..., : body.valid.shape[-1]])
+        visible = None if recent_mask is None else _visible(recent_mask, None, slice(None), heads, groups)
+        probs, out = _explicit_attention(packed_q, body, key, value, visible, scale)
     else:
         if body is None:
             # No padding and a fresh prompt: plain causal attention, which lets sdpa skip the materialized mask.
@@ -163,35 +155,46 @@ def leankv_attention(
             probs = torch.softmax(logits.masked_fill(~tail, float("-inf")), dim=-1)
             # a padding query sees nothing (its softmax is NaN): it scores nothing
             probs = probs.masked_fill_(~tail.any(-1, keepdim=True), 0)
+    last_query_sees = None if recent_mask is None else recent_mask[:, 0, -1]
     if probs is not None:
         # [B, Hkv, G*w, L] -> per KV head, aggregated over its query heads, summed over the window's queries
         per_head = probs.view(batch, key.shape[1], groups, -1, probs.shape[-1])
         per_head = per_head.amax(2) if layer.gqa == "max" else per_head.mean(2)
         observed = per_head.amax(2) if layer.settings.scorer.reduce == "max" else per_head.sum(2)
-        layer.observe(observed, per_head.shape[2], None if plain_step else recent_mask[:, 0, -1], q_len)
+        layer.observe(observed, per_head.shape[2], last_query_sees, q_len)
     else:  # no query reports scores (a query-aware policy, or a prompt a probe will score); the layer still compacts
-        layer.observe(None, 0, None if plain_step else recent_mask[:, 0, -1], q_len)
+        layer.observe(None, 0, last_query_sees, q_len)
     out = out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
     return out, None
+
+
+def _explicit_attention(packed, body, key, value, visible, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax of the ``packed`` queries (`_gqa_pack`) over the body's rows, through its products (read in place
+    where the kernels can), then the dense window ``key``/``value``; ``visible`` (None: all) masks the last of those
+    columns. Returns the float32 probabilities ``[B, Hkv, G*Q, body + R]`` and the output ``[B, Hkv, G*Q, D]``."""
+    logits = torch.matmul(packed, key.transpose(-1, -2))
+    if body is not None:
+        logits = torch.cat([body.logits(packed), logits], -1)
+    if visible is not None:
+        logits[..., -visible.shape[-1] :].masked_fill_(~visible, -torch.inf)
+    probs = torch.softmax(logits.float().mul_(scale), dim=-1)
+    probs_v = probs.to(value.dtype)
+    out = torch.matmul(probs_v[..., -key.shape[2] :], value)
+    if body is not None:
+        out += body.values.weigh(probs_v[..., : body.valid.shape[-1]])
+    return probs, out
 
 
 def _stored_step(store, query, key, value, attention_mask, scaling: float | None) -> torch.Tensor:
     """One decode query over a `store.DenseStore`, read in place (`DenseStore.body`), then the exact window
     ``key``/``value``; ``attention_mask`` (if any) spans both. Returns ``[B, 1, Hq, D]``."""
     batch, q_heads, q_len, dim = query.shape
-    groups = q_heads // key.shape[1]
     body = store.body(query.dtype)
-    packed = _gqa_pack(query, groups)
-    logits = torch.cat([body.logits(packed), torch.matmul(packed, key.transpose(-1, -2))], -1)
+    visible = None
     if attention_mask is not None:
-        visible = attention_mask
-        if visible.dtype != torch.bool:
-            visible = visible > torch.finfo(visible.dtype).min / 2
-        logits.masked_fill_(~visible[..., -logits.shape[-1] :], -torch.inf)
+        visible = _recent_mask(attention_mask, batch, q_len, body.valid.shape[-1] + key.shape[2], query.device)
     scale = scaling if scaling is not None else dim**-0.5
-    probs = torch.softmax(logits.float().mul_(scale), dim=-1).to(value.dtype)
-    width = body.valid.shape[-1]
-    out = torch.matmul(probs[..., width:], value) + body.values.weigh(probs[..., :width])
+    _, out = _explicit_attention(_gqa_pack(query, q_heads // key.shape[1]), body, key, value, visible, scale)
     return out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
 
 

@@ -191,11 +191,10 @@ class DenseStore:
             segment = torch.stack([starts, torch.full_like(starts, length), torch.zeros_like(starts)])
             self._segments = shape, segment, torch.ones(1, dtype=torch.bool, device=device).expand(shape)
         _, segment, valid = self._segments
-        if all(isinstance(x, torch.Tensor) or x.axis == "token" for x in (self.keys, self.values)):
-            keys = kernels.in_place([_token_rows(self.keys)], [segment], shape)
-            values = kernels.in_place([_token_rows(self.values)], [segment], shape)
-            if keys is not None and values is not None:
-                return Body(keys, values, valid)
+        keys = kernels.in_place([_token_rows(self.keys)], [segment], shape)  # kernels refuse per-channel groups
+        values = kernels.in_place([_token_rows(self.values)], [segment], shape)
+        if keys is not None and values is not None:
+            return Body(keys, values, valid)
         keys, values = self.decode(dtype)
         return Body(PaddedRows(keys), PaddedRows(values), valid)
 

@@ -78,6 +78,25 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """New tokens join the window, at its storage dtype."""
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+
+    def _tagged_window(self, key_states: torch.Tensor, value_states: torch.Tensor, tag: str):
+        """The window (``self.keys``/``values``, ending with ``key_states``/``value_states``) as attention reads it:
+        in the model's dtype, this step's tokens exactly as given, the keys tagged ``tag`` with this layer for the
+        'leankv' attention function. The tag goes on a view: on the window itself it would make a reference cycle
+        that holds the cache's memory until a garbage collection."""
+        new = key_states.shape[-2]
+        keys, values = self.keys, self.values
+        if keys.dtype != key_states.dtype:
+            keys = torch.cat([keys[:, :, :-new].to(key_states.dtype), key_states], dim=-2)
+            values = torch.cat([values[:, :, :-new].to(value_states.dtype), value_states], dim=-2)
+        keys = keys.view_as(keys)
+        setattr(keys, tag, self)
+        return keys, values
+
     def dense_geometry(self) -> tuple[int, int, int]:
         batch, heads, _, dim = self.keys.shape
         return batch, heads, dim

@@ -63,10 +63,13 @@ class HeteroLayer(CompressedLayer):
             and key_states.shape[-2] == 1
             and self.store.length
         ):
-            return self._window_step(key_states, value_states)
+            # Read in place: the window's oldest tokens join the store first, so attention reads this step's state.
+            self._flush()
+            self._append(key_states, value_states)
+            self.attended = False
+            return self._tagged_window(key_states, value_states, "leankv_stored")
         outs = self.peek(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
-        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        self._append(key_states, value_states)
         self._flush()
         return outs
 
@@ -84,21 +87,6 @@ class HeteroLayer(CompressedLayer):
         if stored:
             self.store.decode_into(*outs)
         return tuple(outs)
-
-    def _window_step(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """A decode step read in place: the window's oldest tokens join the store first (so what attention reads
-        is this step's state), then the new token joins the window, which is handed back tagged for attention."""
-        self._flush()
-        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
-        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
-        keys, values = self.keys, self.values
-        if keys.dtype != key_states.dtype:  # attend in the model's dtype; the new token exactly as given
-            keys = torch.cat([keys[:, :, :-1].to(key_states.dtype), key_states], dim=-2)
-            values = torch.cat([values[:, :, :-1].to(value_states.dtype), value_states], dim=-2)
-        keys = keys.view_as(keys)  # tag a view: tagging self.keys would make a cycle that holds memory until gc
-        keys.leankv_stored = self
-        self.attended = False
-        return keys, values
 
     def _flush(self) -> None:
         window = self.keys.shape[-2]

@@ -132,19 +132,12 @@ class LeanLayer(CompressedLayer):
             raise RuntimeError(UNATTENDED)
         self.attended = False
         batch, heads, new = key_states.shape[:3]
-        self.keys = torch.cat([self.keys, key_states.to(self.storage_dtype)], dim=-2)
-        self.values = torch.cat([self.values, value_states.to(self.storage_dtype)], dim=-2)
+        self._append(key_states, value_states)
         self.recent_scores = torch.cat([self.recent_scores, self.recent_scores.new_zeros(batch, heads, new)], -1)
         self.recent_ages = torch.cat([self.recent_ages, self.recent_ages.new_zeros(batch, heads, new)], -1)
         self.recent_valid = torch.cat([self.recent_valid, self.recent_valid.new_ones(batch, new)], -1)
         self.seen += new
-        keys, values = self.keys, self.values
-        if self.storage_dtype != self.dtype:  # attend in the model's dtype; this step's tokens exactly as given
-            keys = torch.cat([keys[:, :, :-new].to(self.dtype), key_states], dim=-2)
-            values = torch.cat([values[:, :, :-new].to(self.dtype), value_states], dim=-2)
-        keys = keys.view_as(keys)  # tag a view: tagging self.keys would make a cycle that holds memory until gc
-        keys.leankv_layer = self
-        return keys, values
+        return self._tagged_window(key_states, value_states, "leankv_layer")
 
     def get_seq_length(self) -> int:
         return self.seen

@@ -325,14 +325,13 @@ def _capacity(model, ids: list[int], spec: Spec, budget: int, decode_tokens: int
             fails = middle
         else:
             fits = middle
-    if fits == 0:
-        return 0, 0, 0.0
-    measured = trial(fits, decode_tokens)
-    if measured is None:  # fitted in two steps, not in more (the cache grew): one row fewer
+    while fits:  # the full measurement; a batch that fitted two steps but not more (the cache grew): one row fewer
+        measured = trial(fits, decode_tokens)
+        if measured is not None:
+            memory, seconds = measured
+            return fits, memory, fits * decode_tokens / seconds
         fits -= 1
-        measured = trial(fits, decode_tokens) if fits else (0, float("inf"))
-    memory, seconds = measured
-    return fits, memory, fits * decode_tokens / seconds if fits else 0.0
+    return 0, 0, 0.0
 
 
 def run_capacity(

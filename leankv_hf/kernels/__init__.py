@@ -22,7 +22,12 @@ def enabled(device: torch.device | str = "cpu") -> bool:
     kind = torch.device(device).type
     if kind == "cpu":
         return cpu.numba is not None
-    return kind == "cuda" and importlib.util.find_spec("triton") is not None
+    return kind == "cuda" and _has_triton()
+
+
+@functools.cache
+def _has_triton() -> bool:  # asked at every decode step of every layer: look it up once
+    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -32,9 +37,9 @@ def _gpu():
     return gpu
 
 
-def in_place(parts: list, segments: list[tuple], shape: tuple[int, int, int]):
+def in_place(parts: list, segments: list[torch.Tensor], shape: tuple[int, int, int]):
     """A reader of ``parts`` (one side of some stores) that gives `store.PaddedRows`' products in place, or None
-    where no kernel reads them. ``segments``: per part, ``(starts, counts, offsets)`` per (batch, head)."""
+    where no kernel reads them. ``segments``: per part, its ``[3, B * H]`` starts, counts and offsets."""
     device = parts[0].device
     if not enabled(device):
         return None

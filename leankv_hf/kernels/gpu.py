@@ -191,10 +191,10 @@ def _blocks(query_rows: int, dim: int) -> tuple[int, int, int]:
 
 class CodedRows:
     """The rows of one or two stores' keys or values, read in place on the GPU: the products of `store.PaddedRows`
-    (``scores``, ``weigh``) without a padded copy. ``segments`` holds, per store, ``(starts, counts, offsets)`` per
-    (batch, head), a contiguous int64 ``[3, B * H]`` tensor on the rows' device (`PaddedLayout.segments`)."""
+    (``scores``, ``weigh``) without a padded copy. ``segments`` holds, per store, its starts, counts and offsets per
+    (batch, head): a contiguous int64 ``[3, B * H]`` tensor on the rows' device (`PaddedLayout.segments`)."""
 
-    def __init__(self, parts: list, segments: list[tuple], shape: tuple[int, int, int]):
+    def __init__(self, parts: list, segments: list[torch.Tensor], shape: tuple[int, int, int]):
         self.shape = shape  # (batch, heads, width)
         self.dim = parts[0].last_dim if isinstance(parts[0], QuantizedTensor) else parts[0].shape[-1]
         read = [(*_part(p), seg) for p, seg in zip(parts, segments, strict=True)]
@@ -208,16 +208,15 @@ class CodedRows:
         self.per_program = -(-width // (wanted * ROWS)) * ROWS
         self.programs = -(-width // self.per_program)
 
-    def _constants(self, rows: int) -> dict:
+    def _launch(self, rows: int) -> tuple[tuple[int, int, int], dict]:
+        """The grid and compile-time constants of a product for ``rows`` query rows per segment."""
         block_q, block_n, block_d = _blocks(rows, self.dim)
-        return dict(
+        batch, heads, _ = self.shape
+        grid = batch * heads, self.programs * (2 if self.two else 1), triton.cdiv(rows, block_q)
+        return grid, dict(
             D=self.dim, BITS_A=self.bits_a, GROUP_A=self.group_a, BITS_B=self.bits_b, GROUP_B=self.group_b,
             TWO=self.two, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         )  # fmt: skip
-
-    def _grid(self, rows: int) -> tuple[int, int, int]:
-        batch, heads, _ = self.shape
-        return batch * heads, self.programs * (2 if self.two else 1), triton.cdiv(rows, _blocks(rows, self.dim)[0])
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]``, -inf in empty slots (so attention needs no mask)."""
@@ -225,31 +224,38 @@ class CodedRows:
         rows = query.shape[2]
         flat = query.reshape(batch * heads, rows, self.dim).contiguous()
         out = torch.full((batch * heads, rows, width), -torch.inf, device=query.device)
-        _scores_kernel[self._grid(rows)](
-            flat, *self.args, out, rows, width, batch * heads, self.programs, self.per_program, **self._constants(rows)
+        grid, constants = self._launch(rows)
+        _scores_kernel[grid](
+            flat, *self.args, out, rows, width, batch * heads, self.programs, self.per_program, **constants
         )
         return out.view(batch, heads, rows, width).to(query.dtype)
 
     def weigh(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs[B, H, Q, W] @ rows`` -> ``[B, H, Q, D]``; ``probs`` may be a slice of wider rows."""
         batch, heads, rows, _ = probs.shape
-        if probs.stride(-1) != 1 or probs.stride(0) != heads * probs.stride(1):
-            probs = probs.contiguous()
-        grid = self._grid(rows)
+        probs = _by_segment(probs)
+        grid, constants = self._launch(rows)
         partial = torch.empty(batch * heads, grid[1], rows, self.dim, device=probs.device)
         _weigh_kernel[grid](
             probs, *self.args, partial, rows, probs.stride(1), probs.stride(2), batch * heads, self.programs,
-            self.per_program, **self._constants(rows),
+            self.per_program, **constants,
         )  # fmt: skip
         return partial.sum(1).view(batch, heads, rows, self.dim).to(probs.dtype)
+
+
+def _by_segment(x: torch.Tensor) -> torch.Tensor:
+    """``x[B, H, ...]`` as the kernels index it: unit stride in the last dim, and (batch, head) segment ``s`` at
+    ``s * x.stride(1)`` (a slice of wider rows qualifies as it is; anything else is copied)."""
+    if x.stride(-1) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
+        return x.contiguous()
+    return x
 
 
 def fold(observed: torch.Tensor, n: int, held: list[tuple], width: int, reduce: str = "mean") -> None:
     """`store.fold_scores` in place for the rows of some stores, each row reading ``observed[B, H, ...]`` at its
     slot; ``held``: per store ``(store, segment)`` (`PaddedLayout.segments`), ``width`` the longest head's rows."""
     batch, heads = observed.shape[:2]
-    if observed.stride(-1) != 1 or observed.stride(0) != heads * observed.stride(1):
-        observed = observed.contiguous()
+    observed = _by_segment(observed)
     grid = (batch * heads, -(-width // ROWS))
     for store, segment in held:
         _fold_kernel[grid](
