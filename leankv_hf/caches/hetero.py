@@ -24,8 +24,8 @@ class HeteroLayer(CompressedLayer):
     ``in_place`` (the model runs the 'leankv' attention function): on CUDA a decode step hands attention the window
     alone, and attention reads the store where it lies (`store.DenseStore.body`: the Triton kernels), so no
     dequantized copy of the cache is made per step. Otherwise, and for prompts, attention gets everything
-    dequantized, which works with any attention implementation (on CPU the in-place path measured no faster: 1.39x
-    the full cache's step against 1.33x, smollm2 at 2K, one thread, median of 5 interleaved runs).
+    dequantized, which works with any attention implementation (on CPU the in-place path measured about the same:
+    1.09x the full cache's step against 1.12x, smollm2 at 2K, one thread, `eval/decode_ab.py --hetero-in-place`).
     """
 
     is_croppable = True
