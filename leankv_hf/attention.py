@@ -82,16 +82,23 @@ def _query_blocks(q_len: int, per_query: int) -> Iterator[slice]:
 
 def _masked_attention(query, key, value, recent, body, scale: float, groups: int) -> torch.Tensor:
     """sdpa of ``query[B, Hq, Q, D]`` over ``key``/``value`` ``[B, Hkv, L, D]`` (the stored body, then the dense
-    part), masked by `_visible` (``recent[B, 1, Q, R]``, ``body[B, Hkv, W]`` or None). sdpa turns a boolean mask into
-    floats; queries go in blocks so that mask stays within ``MASK_BLOCK_BYTES`` however long the context (a chunked
-    prefill's peak memory follows the compressed cache, not the prompt). Returns ``[B, Hq, Q, D]``."""
-    batch, q_heads, q_len, dim = query.shape
+    part), masked by ``recent[B, 1, Q, R]`` (`_recent_mask`) and ``body[B, Hkv, W]`` (its valid rows, or None). The
+    query heads of a KV head share its keys (sdpa's ``enable_gqa``), and without a body every head shares one mask.
+    sdpa turns a boolean mask into floats; queries go in blocks so that mask stays within ``MASK_BLOCK_BYTES`` however
+    long the context (a chunked prefill's peak memory follows the compressed cache, not the prompt)."""
+    q_heads, q_len = query.shape[1], query.shape[2]
+    mask_heads = 1 if body is None else q_heads
     out = []
-    for block in _query_blocks(q_len, batch * q_heads * key.shape[2]):
-        mask = _visible(recent, body, block, key.shape[1], groups)
-        packed = _gqa_pack(query[:, :, block], groups)
-        attended = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scale)
-        out.append(attended.reshape(batch, q_heads, -1, dim))  # CUDA backends may hand back a transposed layout
+    for block in _query_blocks(q_len, query.shape[0] * mask_heads * key.shape[2]):
+        mask = recent[:, :, block]
+        if body is not None:
+            rows = body.repeat_interleave(groups, 1)[:, :, None].expand(-1, -1, mask.shape[2], -1)
+            mask = torch.cat([rows, mask.expand(-1, q_heads, -1, -1)], -1)
+        out.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, block], key, value, attn_mask=mask, scale=scale, enable_gqa=groups > 1
+            )
+        )
     return torch.cat(out, 2)
 
 
@@ -155,6 +162,10 @@ def leankv_attention(
             probs = torch.softmax(logits.masked_fill(~tail, float("-inf")), dim=-1)
             # a padding query sees nothing (its softmax is NaN): it scores nothing
             probs = probs.masked_fill_(~tail.any(-1, keepdim=True), 0)
+        else:  # a scorer may score the prompt as a whole (`Scorer.prompt_scores`)
+            sees = _visible(recent_mask, valid, slice(q_len - 1, None), heads, 1)[:, :, 0]
+            real = recent_mask[:, 0, -1, -q_len:]  # this forward's tokens that are not padding
+            probs = layer.settings.scorer.prompt_scores(query, all_k, real, sees, scale)  # [B, Hkv, G, L]
     last_query_sees = None if recent_mask is None else recent_mask[:, 0, -1]
     if probs is not None:
         # [B, Hkv, G*w, L] -> per KV head, aggregated over its query heads, summed over the window's queries
@@ -236,7 +247,8 @@ def _probe_attention(layer, query, key, value, scale: float, groups: int) -> tor
         grid = logits.view(batch, heads, groups, block.stop - block.start, -1)
         grid[..., :fixed].masked_fill_(~counted[:, :, None], -torch.inf)
         grid[..., fixed:].masked_fill_(~own[:, None, None, block], -torch.inf)
-        received = torch.softmax(grid, -1)[..., first : first + span.stop - span.start]
+        grid.sub_(grid.amax(-1, keepdim=True)).exp_()  # the softmax in place: no second block of floats
+        received = grid[..., first : first + span.stop - span.start].div_(grid.sum(-1, keepdim=True))
         received = received.masked_fill_(~probe.valid[:, None, None, block, None], 0)
         per_head = (received.amax(2) if layer.gqa == "max" else received.mean(2)).amax(2)
         best = per_head if best is None else torch.maximum(best, per_head)

@@ -1,6 +1,6 @@
 """Importance: which queries' attention becomes a stored token's score, and when.
 
-A policy ranks tokens by score; a scorer decides what the score measures. Two kinds:
+A policy ranks tokens by score; a scorer decides what the score measures:
 
 * `ObservationWindow` (SnapKV, the default): inside a prompt's own forward, its last ``window`` queries report the
   attention each token received; decode queries keep adding to it (a running mean). Cheap, and right when the
@@ -14,6 +14,11 @@ A policy ranks tokens by score; a scorer decides what the score measures. Two ki
   queries attend to what the layer holds up to the chunk's end (after a long prompt: the exact prompt so far; in a
   chunked prefill: the compressed past and the current chunk) and to themselves. The pass runs the prompt's tokens
   once more through the model, and its keys and values are never stored.
+* `KeyDiversity` (KeyDiff, arXiv 2504.15364): question-agnostic and cheap, with no extra pass. Inside a prompt's
+  forward it scores every token from the prompt as a whole, not from its last window: a token whose key points away
+  from the head's mean key is one that queries unlike the usual ones single out, so the score is ``1 - cos(k, mean
+  key)``, normalized over the visible tokens like one query's attention; decode queries add theirs, as with the
+  observation window.
 
 Scores from a probe are maxima, so later observations fold in by ``max`` (`Scorer.reduce`); the observation window's
 are means of attention per query, which LeanKV's thresholds (``alpha / context``) compare against.
@@ -41,8 +46,15 @@ class Scorer:
     probes = False  # whether scores come from a probe pass after a prompt's forward
 
     def queries(self, query_length: int) -> int:
-        """How many of a forward's newest queries report their attention from inside it."""
-        raise NotImplementedError
+        """How many of a forward's newest queries report their attention from inside it: here a decode step's, and a
+        prompt is scored otherwise (`prompt_scores`, or a probe)."""
+        return query_length if query_length == 1 else 0
+
+    def prompt_scores(self, query, keys, real, visible, scale: float) -> torch.Tensor | None:
+        """Scores of a prompt's tokens from the prompt as a whole (None: the scorer takes them otherwise):
+        ``[B, Hkv, G, L]`` per query head, each a distribution over the ``visible[B, Hkv, L]`` ``keys[B, Hkv, L, D]``;
+        ``query[B, Hq, Q, D]`` are the prompt's queries, ``real[B, Q]`` marks those that are not padding."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,22 @@ class ObservationWindow(Scorer):
 
     def queries(self, query_length: int) -> int:
         return min(self.window, query_length)
+
+
+@dataclass(frozen=True)
+class KeyDiversity(Scorer):
+    """Question-agnostic scores without an extra pass: ``1 - cos(key, the head's mean key)`` over a prompt's visible
+    tokens, normalized; decode queries add their attention (mean)."""
+
+    name = "keydiff"
+
+    def prompt_scores(self, query, keys, real, visible, scale: float) -> torch.Tensor:
+        k = torch.nn.functional.normalize(keys.float(), dim=-1)
+        k = k.masked_fill(~visible[..., None], 0)
+        anchor = torch.nn.functional.normalize(k.sum(2, keepdim=True), dim=-1)
+        apart = (1 - (k * anchor).sum(-1)).clamp_min(0).masked_fill(~visible, 0)  # [B, Hkv, L]
+        shares = apart / apart.sum(-1, keepdim=True).clamp_min(torch.finfo(apart.dtype).tiny)
+        return shares[:, :, None].expand(-1, -1, query.shape[1] // keys.shape[1], -1)
 
 
 @dataclass(frozen=True)
@@ -77,9 +105,6 @@ class ContextReconstruction(Scorer):
         object.__setattr__(self, "instruction", tuple(self.instruction))
         if not all(isinstance(i, int) and i >= 0 for i in self.instruction):
             raise ValueError(f"instruction={self.instruction!r} must be token ids (ints >= 0)")
-
-    def queries(self, query_length: int) -> int:
-        return query_length if query_length == 1 else 0  # prompts are scored by the probe
 
     @torch.inference_mode()
     def score(self, cache, decoder: torch.nn.Module, tokens: dict, attention_mask: torch.Tensor | None) -> None:
@@ -122,7 +147,11 @@ class Probe:
     valid: torch.Tensor
 
 
-SCORERS: dict[str, type[Scorer]] = {"window": ObservationWindow, "reconstruct": ContextReconstruction}
+SCORERS: dict[str, type[Scorer]] = {
+    "window": ObservationWindow,
+    "keydiff": KeyDiversity,
+    "reconstruct": ContextReconstruction,
+}
 
 
 def make_scorer(spec: str | dict | Scorer, window: int = 32) -> Scorer:

@@ -1,7 +1,8 @@
 """Tests for question-agnostic scoring (`scoring.ContextReconstruction`): the probe's scores against a reference computed
 with transformers' eager attention, nothing of the probe stored, exactness at budget 1.0 on every architecture and
 every way `generate` feeds a prompt (left padding, later turns, chunked prefill), and a context compressed before
-its question still answering it on the embedded model where the observation window loses it."""
+its question still answering it on the embedded model where the observation window loses it; the cheap scorers
+(`KeyDiversity`) against its definition, scoring a prompt without an extra pass."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from transformers import DynamicCache
 
 from leankv_hf import SparseHeadCache, UnifiedLeanCache
 from leankv_hf.caches.layer import LeanLayer
-from leankv_hf.scoring import ContextReconstruction, ObservationWindow, make_scorer, scorer_spec
+from leankv_hf.scoring import (
+    ContextReconstruction,
+    KeyDiversity,
+    ObservationWindow,
+    make_scorer,
+    scorer_spec,
+)
 from leankv_hf.testing import ARCHITECTURES, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,19 +107,20 @@ def test_probe_stores_nothing_and_the_prompt_is_compressed(tiny_tok):
         assert int(positions.max()) < n  # no stored row sits past the prompt
 
 
+@pytest.mark.parametrize("scorer", ["reconstruct", "keydiff"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_full_budget_matches_dynamic_cache(arch, tiny_tok):
+def test_full_budget_matches_dynamic_cache(arch, scorer, tiny_tok):
     model = lively(arch)
     inputs = tiny_tok(BATCH_PROMPTS, return_tensors="pt", padding=True)
     ref = generate(model, inputs, DynamicCache(config=model.config))
     for cache in (
-        SparseHeadCache(model, budget=1.0, scorer="reconstruct", storage_dtype=torch.float32, recent=8, interval=4),
+        SparseHeadCache(model, budget=1.0, scorer=scorer, storage_dtype=torch.float32, recent=8, interval=4),
         UnifiedLeanCache(
             model,
             high=(16, 16),
             low=(16, 16),
             policy="adakv",
-            scorer="reconstruct",
+            scorer=scorer,
             buffer=8,
             interval=4,
             storage_dtype="float32",
@@ -147,6 +155,36 @@ def test_later_turns_and_chunked_prefill(tiny_tok):
     out = generate(model, inputs, cache)
     assert cache.get_seq_length() == out.shape[1] - 1
     assert cache.kept_tokens().float().mean() <= kept + question.shape[1] + 16
+
+
+def test_key_diversity_favours_the_key_that_points_away():
+    """`KeyDiversity`: ``1 - cos(key, mean key)`` over the visible keys, normalized, the same for a KV head's query
+    heads; the odd key out scores most, an invisible one nothing."""
+    keys = torch.tensor([[1.0, 0.1], [1.0, -0.1], [1.0, 0.0], [-1.0, 3.0], [0.0, 9.0]])[None, None]
+    visible = torch.tensor([[[True, True, True, True, False]]])
+    query = torch.randn(1, 2, 4, 2)
+    got = KeyDiversity().prompt_scores(query, keys, torch.ones(1, 4, dtype=torch.bool), visible, 1.0)
+    assert got.shape == (1, 1, 2, 5) and torch.equal(got[:, :, 0], got[:, :, 1])
+    assert int(got[0, 0, 0].argmax()) == 3 and got[0, 0, 0, 4] == 0
+    torch.testing.assert_close(got.sum(-1), torch.ones(1, 1, 2))
+
+
+def test_key_diversity_compresses_a_prompt_with_no_extra_pass(tiny_tok, monkeypatch):
+    """The cheap question-agnostic scorer scores a prompt inside its own forward (no probe: the model runs once),
+    gives every real token a share, and the cache keeps its budget."""
+    model = lively("llama")
+    seen = record_scores(monkeypatch)
+    calls = []
+    model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    ids = tiny_tok([TINY_PROMPT * 3], return_tensors="pt").input_ids
+    cache = SparseHeadCache(model, budget=0.25, scorer="keydiff", recent=8, gqa="mean")
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache)
+    assert len(calls) == 1
+    first = seen[0][0]  # [H, tokens] of the first layer, right after the prompt
+    assert first.shape[-1] == ids.shape[1] and bool((first > 0).all())
+    torch.testing.assert_close(first.sum(-1), torch.ones(first.shape[0]))  # one query's worth of attention
+    assert float(cache.kept_tokens().float().mean()) <= ids.shape[1] / 4 + 1  # adakv: heads share a layer's budget
 
 
 def test_a_model_without_the_hook_raises(tiny_tok):

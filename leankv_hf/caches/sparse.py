@@ -9,7 +9,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import use_leankv_attention
 from ..policy import Policy, sparse_policy
-from ..scoring import Scorer, make_scorer, scorer_spec
+from ..scoring import ObservationWindow, Scorer, make_scorer, scorer_spec
 from ..store import Precision
 from .base import LeanCache, check_storage_dtype, full_attention_layers, text_config
 from .hetero import SlidingHeteroLayer
@@ -62,7 +62,7 @@ class SparseConfig:
                 f"policy={self.policy!r} compares mean attention with alpha / context, but scorer={self.scorer!r} "
                 "scores by maximum: choose a ranking policy (snapkv, adakv, pyramid, ...)"
             )
-        if policy.page_size and scorer.probes:
+        if policy.page_size and not isinstance(scorer, ObservationWindow):
             raise ValueError(
                 f"policy={self.policy!r} evicts nothing, so it takes no scorer; got scorer={self.scorer!r}"
             )

@@ -46,7 +46,8 @@ class LeanKVConfig:
     sparse policy name instead ranks: each head keeps its best ``1 - prune_ratio`` of the tokens, of which the worst
     ``low_ratio`` (a fraction of all tokens) go to the low tier and the rest stay high. ``scorer`` says what the
     scores measure (`scoring`): "window" (the prompt's last ``window`` queries; the question must be in the prompt)
-    or "reconstruct" (question-agnostic: the cache re-reads each prompt; ranking policies only). ``rank`` stores keys
+    or a question-agnostic one: "keydiff" (cheap: from the prompt's keys as a whole, no extra pass) or
+    "reconstruct" (the cache re-reads each prompt; ranking policies only). ``rank`` stores keys
     as rank-r coefficients on a per-head SVD basis of the prompt's keys: an int, or a fraction of head_dim. The
     newest ``buffer`` tokens stay exact; ``sink`` first tokens stay high. ``budget_mb`` is a hard cap on the
     stored bytes (MiB, or None): as the cache fills, the least important tokens move down a tier, then out;

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from transformers import Cache, DynamicCache, PreTrainedModel, QuantizedCache
 
+from ..scoring import SCORERS
+
 Spec = str | dict
 
 
@@ -44,7 +46,7 @@ def _budget(text: str) -> float | int:
 
 
 _HETERO_FLAGS = {"g": ("group_size", int), "r": ("residual_length", int), "chan": ("key_axis", lambda _: "channel")}
-_SCORER_FLAGS = {name: ("scorer", lambda _, name=name: name) for name in ("window", "reconstruct")}
+_SCORER_FLAGS = {name: ("scorer", lambda _, name=name: name) for name in SCORERS}
 _SPARSE_FLAGS = {"w": ("window", int), "rec": ("recent", int), "iv": ("interval", int), **_SCORER_FLAGS}
 _UNIFIED_FLAGS = {
     "ap": ("alpha_prune", float),
@@ -81,7 +83,7 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
     "sparse": (
         r"([a-z][a-z0-9_]*)@(\d+(?:\.\d*)?)((?:,[a-z]+\d*)*)",
         lambda m: {"policy": m[1], "budget": _budget(m[2]), **_flags(m[3], _SPARSE_FLAGS)},
-        "sparse:POLICY@BUDGET[,wW][,recR][,ivI][,reconstruct]  (SparseHeadCache; budget a fraction like 0.2 or a "
+        "sparse:POLICY@BUDGET[,wW][,recR][,ivI][,reconstruct|,keydiff]  (SparseHeadCache; budget a fraction like 0.2 or a "
         "token count like 512; observation window, exact recent tokens, decode steps between evictions; scorer)",
     ),
     "unified": (
@@ -93,7 +95,7 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
         "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG][,prP][,lrL][,rankR][,bufB][,ivI][,POLICY]"
         "[,SCORER]  (UnifiedLeanCache: a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; group "
         "size; prune ratio; low-tier ratio; key rank; exact buffer; decode steps between compactions; a sparse "
-        "policy instead of the thresholds, e.g. adakv; scorer: window or reconstruct)",
+        "policy instead of the thresholds, e.g. adakv; scorer: window, keydiff or reconstruct)",
     ),
 }
 
