@@ -88,12 +88,12 @@ def _masked_attention(query, key, value, recent, body, scale: float, groups: int
     long the context (a chunked prefill's peak memory follows the compressed cache, not the prompt)."""
     q_heads, q_len = query.shape[1], query.shape[2]
     mask_heads = 1 if body is None else q_heads
+    rows = None if body is None else body.repeat_interleave(groups, 1)[:, :, None]  # [B, Hq, 1, W]
     out = []
     for block in _query_blocks(q_len, query.shape[0] * mask_heads * key.shape[2]):
         mask = recent[:, :, block]
-        if body is not None:
-            rows = body.repeat_interleave(groups, 1)[:, :, None].expand(-1, -1, mask.shape[2], -1)
-            mask = torch.cat([rows, mask.expand(-1, q_heads, -1, -1)], -1)
+        if rows is not None:
+            mask = torch.cat([rows.expand(-1, -1, mask.shape[2], -1), mask.expand(-1, q_heads, -1, -1)], -1)
         out.append(
             torch.nn.functional.scaled_dot_product_attention(
                 query[:, :, block], key, value, attn_mask=mask, scale=scale, enable_gqa=groups > 1
