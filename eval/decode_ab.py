@@ -2,11 +2,11 @@
 
     OMP_NUM_THREADS=1 taskset -c 0 python eval/decode_ab.py --length 1024 --methods full,unified:leankv-m
     PYTHONPATH=<an older checkout> python eval/decode_ab.py ...      # the same for another commit (an A/B)
-    python eval/decode_ab.py --length 2048 --methods full,hetero:k8v4 --hetero-in-place
+    python eval/decode_ab.py --length 2048 --methods full,hetero:k8v4 --hetero-dequantized
 
 For differences smaller than the drift between `leankv bench` runs on a shared machine: every repeat measures each
-method once in turn. ``--hetero-in-place`` adds, for each hetero method, the same cache reading its store in place
-on CPU (the path CUDA takes), so the two paths are compared in one run.
+method once in turn. ``--hetero-dequantized`` adds, for each hetero method, the same cache dequantizing its store
+into a buffer at every step (the path any attention function can read), so the two paths are compared in one run.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from leankv_hf.models import load_model
 
 
 @contextlib.contextmanager
-def in_place_on_cpu(enabled: bool):
+def dequantized(enabled: bool):
     before = hetero.IN_PLACE_DEVICES
-    hetero.IN_PLACE_DEVICES = ("cuda", "cpu") if enabled else before
+    hetero.IN_PLACE_DEVICES = () if enabled else before
     try:
         yield
     finally:
@@ -41,29 +41,29 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hetero-in-place", action="store_true")
+    parser.add_argument("--hetero-dequantized", action="store_true")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
     ids = torch.tensor([bench_prompt(tokenizer, args.length, 0, model.config.vocab_size)])
     entries = [(m, False) for m in args.methods.split(",")]
-    if args.hetero_in_place:
+    if args.hetero_dequantized:
         entries += [(m, True) for m, _ in entries if m.startswith("hetero:")]
     times = {entry: [] for entry in entries}
     with torch.inference_mode():
         for _ in range(args.repeats):
-            for method, in_place in entries:
-                with in_place_on_cpu(in_place):
+            for method, dense in entries:
+                with dequantized(dense):
                     cache = make_cache(method, model)
                     token = _prefill(model, ids, cache, None)
                     _decode(model, cache, token, 2)
-                    times[method, in_place].append(1000 * _decode(model, cache, token, args.steps) / args.steps)
+                    times[method, dense].append(1000 * _decode(model, cache, token, args.steps) / args.steps)
     full = statistics.median(times["full", False])
     print(
         f"{args.model}, {args.length} tokens, {torch.get_num_threads()} threads, median of {args.repeats} at {time.ctime()}"
     )
-    for (method, in_place), measured in times.items():
+    for (method, dense), measured in times.items():
         median = statistics.median(measured)
-        label = method + (" (in place on CPU)" if in_place else "")
+        label = method + (" (dequantized)" if dense else "")
         print(f"{label}: {median:.1f} ms/step, {median / full:.3f}x full")
 
 

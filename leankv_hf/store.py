@@ -170,6 +170,7 @@ class DenseStore:
         if self.key.rank or self.value.rank:
             raise ValueError("a DenseStore holds full-rank tokens; low rank (rank=...) needs a RaggedStore")
         self._segments = None  # `body`'s segments and valid slots, for one shape (not state: never saved)
+        self._readers = None  # the kernels' readers of the stored keys and values, while they stay the same
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         ek, ev = self.key.encode(k), self.value.encode(v)
@@ -191,8 +192,10 @@ class DenseStore:
             segment = torch.stack([starts, torch.full_like(starts, length), torch.zeros_like(starts)])
             self._segments = shape, segment, torch.ones(1, dtype=torch.bool, device=device).expand(shape)
         _, segment, valid = self._segments
-        keys = kernels.in_place([_token_rows(self.keys)], [segment], shape)  # kernels refuse per-channel groups
-        values = kernels.in_place([_token_rows(self.values)], [segment], shape)
+        if self._readers is None or self._readers[0] is not self.keys:  # made again only when the store changes
+            readers = [kernels.in_place([_token_rows(x)], [segment], shape) for x in (self.keys, self.values)]
+            self._readers = self.keys, *readers  # the kernels refuse per-channel groups
+        _, keys, values = self._readers
         if keys is not None and values is not None:
             return Body(keys, values, valid)
         keys, values = self.decode(dtype)
@@ -464,6 +467,7 @@ class PaddedLayout:
         table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
         self.starts, self.offsets = table[:, 0], table[:, 2]
         self.segments = list(table)
+        self._readers = None  # the kernels' readers of the stores in place (`view`), made on first use
 
     def slots(self) -> list[torch.Tensor]:
         """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at
@@ -487,8 +491,10 @@ class PaddedLayout:
         basis = self.stores[held[0]].basis
         basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
         if fused:
-            segments = [self.segments[i] for i in held]
-            read_keys, read_values = kernels.in_place(keys, segments, shape), kernels.in_place(values, segments, shape)
+            if self._readers is None:  # the stores do not change until the next layout: read them the same way
+                segments = [self.segments[i] for i in held]
+                self._readers = kernels.in_place(keys, segments, shape), kernels.in_place(values, segments, shape)
+            read_keys, read_values = self._readers
             if read_keys is not None and read_values is not None:
                 return Body(read_keys, read_values, valid, basis)
         # Which row of the stores, taken in turn, fills each slot; empty slots take the zero row appended last.

@@ -166,10 +166,11 @@ def test_k4v2_packed_bytes_follow_the_formula_on_smollm2(smollm2):
         assert (layer.store.length, layer.keys.shape[-2]) == (stored, residual)
     assert cache.nbytes() == expected_bytes(stored, residual)
 
-    # One decode step: one more exact token (the window is below 2 * 32 again, no flush)
+    # One decode step: one more exact token (the window is below 2 * 32 again, no flush). The step reads the store in
+    # place, through its table of (start, count, offset) per head (int64) and a one-element valid mask.
     with torch.no_grad():
         model(ids[:, -1:], past_key_values=cache)
-    assert cache.nbytes() == expected_bytes(stored, residual + 1)
+    assert cache.nbytes() == expected_bytes(stored, residual + 1) + cfg.num_hidden_layers * (3 * heads * 8 + 1)
     assert cache.get_seq_length() == ids.shape[1] + 1
 
 
@@ -490,6 +491,7 @@ def test_a_store_read_in_place_gives_what_the_dequantized_path_gives(arch, tiny_
     model = lively(arch)
     inputs = tiny_tok(BATCH_PROMPTS, return_tensors="pt", padding=True)
     ref, ref_logits = generate_scored(model, inputs, DynamicCache(config=model.config), 16)
+    monkeypatch.setattr(hetero, "IN_PLACE_DEVICES", ())  # the dequantized path, on every device
     dense = generate_scored(model, inputs, QuantizedHeteroCache(model, group_size=16, residual_length=4), 16)
     monkeypatch.setattr(hetero, "IN_PLACE_DEVICES", ("cuda", "cpu"))
     exact = QuantizedHeteroCache(model, key_bits=16, value_bits=16, storage_dtype=torch.float32, residual_length=4)

@@ -84,6 +84,25 @@ def test_bfloat16_queries_get_bfloat16_products():
     torch.testing.assert_close(weighed.float(), padded.values.weigh(probs.bfloat16().float()), rtol=1e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_scales_are_read_exactly(dtype):
+    """The kernels read 16-bit scales, zeros and scores from their bits through a small table of powers: every
+    finite pattern (normal, subnormal, zero, negative) gives exactly torch's float32 value."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def read(bits, powers, mantissa, out):
+        for i in range(bits.shape[0]):
+            out[i] = kernels.cpu._float16(bits[i], powers, mantissa)
+
+    patterns = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(dtype)
+    out = np.zeros(2**16, np.float32)
+    read(kernels.cpu._bits(patterns), *kernels.cpu._powers(dtype), out)
+    finite = torch.isfinite(patterns)
+    assert torch.equal(torch.from_numpy(out)[finite], patterns.float()[finite])
+
+
 @pytest.mark.parametrize("n", [1, 4])
 def test_folded_scores_match_the_running_mean(monkeypatch, n):
     """Each row's running mean and age, from the scores its slot received: bit for bit the torch arithmetic."""

@@ -11,7 +11,7 @@ from ..attention import use_leankv_attention
 from ..store import DenseStore, Precision, fitting_group
 from .base import UNATTENDED, CompressedLayer, LeanCache, check_storage_dtype, head_dim, sixteen_bit, text_config
 
-IN_PLACE_DEVICES = ("cuda",)  # where a decode step reads the store in place (see `HeteroLayer`)
+IN_PLACE_DEVICES = ("cuda", "cpu")  # where a decode step reads the store in place (see `HeteroLayer`)
 
 
 class HeteroLayer(CompressedLayer):
@@ -21,11 +21,10 @@ class HeteroLayer(CompressedLayer):
     tokens, the oldest are quantized in one chunk (a multiple of the key group for per-channel keys). The
     window (and a 16-bit side) is held at ``storage_dtype`` (default: the model's dtype, at most 16 bits).
 
-    ``in_place`` (the model runs the 'leankv' attention function): on CUDA a decode step hands attention the window
-    alone, and attention reads the store where it lies (`store.DenseStore.body`: the Triton kernels), so no
-    dequantized copy of the cache is made per step. Otherwise, and for prompts, attention gets everything
-    dequantized, which works with any attention implementation (on CPU the in-place path measured about the same:
-    1.09x the full cache's step against 1.12x, smollm2 at 2K, one thread, `eval/decode_ab.py --hetero-in-place`).
+    ``in_place`` (the model runs the 'leankv' attention function): a decode step hands attention the window alone,
+    and attention reads the store where it lies (`store.DenseStore.body`: the Triton kernels on CUDA, numba on
+    CPU), so no dequantized copy of the cache is made per step. Otherwise, and for prompts, attention gets
+    everything dequantized, which works with any attention implementation.
     """
 
     is_croppable = True
