@@ -12,8 +12,9 @@ pytest.importorskip("numba")
 DIM = 32
 
 
-def ragged_stores(precisions, batch=2, heads=3, seed=0) -> list[RaggedStore]:
-    """Stores holding a random, different number of rows per (batch, head), some heads none."""
+def ragged_stores(precisions, batch=2, heads=3, seed=0, dtype=torch.float32) -> list[RaggedStore]:
+    """Stores holding a random, different number of rows per (batch, head), some heads none; ``dtype``: of the
+    rows given (what a 16-bit precision keeps)."""
     torch.manual_seed(seed)
     stores = []
     for key, value in precisions:
@@ -23,9 +24,8 @@ def ragged_stores(precisions, batch=2, heads=3, seed=0) -> list[RaggedStore]:
         counts[seed % (batch * heads)] = 0
         segments = torch.repeat_interleave(torch.arange(batch * heads), counts)
         n = segments.numel()
-        store.add(
-            torch.randn(n, DIM) * 2, torch.randn(n, DIM), segments, torch.arange(n), torch.rand(n), torch.zeros(n)
-        )
+        rows = (torch.randn(n, DIM) * 2).to(dtype), torch.randn(n, DIM).to(dtype)
+        store.add(*rows, segments, torch.arange(n), torch.rand(n), torch.zeros(n))
         stores.append(store)
     return stores
 
@@ -48,6 +48,22 @@ def test_fused_products_match_the_padded_view(mix, rows):
     query, probs = torch.randn(batch, heads, rows, DIM), torch.rand(batch, heads, rows, width)
     torch.testing.assert_close(fused.logits(query), padded.logits(query), rtol=1e-5, atol=1e-4)  # -inf: empty
     torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_rows_are_read_in_place(dtype):
+    """A 16-bit tier (`SparseHeadCache`'s rows), alone or beside a coded one: the kernels read the rows' bits, with
+    subnormals and zeros among them, and give the padded view's products."""
+    stores = ragged_stores([(Precision(16), Precision(16)), (Precision(4, DIM), Precision(2, DIM))], dtype=dtype)
+    tiny = torch.tensor([0.0, -0.0, 1e-7, -3e-6, 5e-5], dtype=dtype)  # float16 zeros and subnormals
+    stores[0].keys[:, : tiny.numel()] = tiny
+    for layout in (PaddedLayout(stores[:1]), PaddedLayout(stores)):
+        fused, padded = layout.view(torch.float32, fused=True), layout.view(torch.float32)
+        assert isinstance(fused.keys, kernels.cpu.CodedRows) and isinstance(padded.keys, PaddedRows)
+        batch, heads, width = fused.valid.shape
+        query, probs = torch.randn(batch, heads, 3, DIM), torch.rand(batch, heads, 3, width)
+        torch.testing.assert_close(fused.logits(query), padded.logits(query), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
 
 
 def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one():
@@ -122,7 +138,7 @@ def test_folded_scores_match_the_running_mean(monkeypatch, n):
 @pytest.mark.parametrize(
     "precision",
     [Precision(16), Precision(8, DIM, fmt="fp8"), Precision(4, DIM, scale_dtype=torch.float32)],
-    ids=["16-bit rows", "fp8 rows", "float32 scales"],
+    ids=["float32 rows", "fp8 rows", "float32 scales"],
 )
 def test_rows_the_kernels_cannot_read_take_the_padded_view(precision):
     layout = PaddedLayout(ragged_stores([(Precision(8, DIM), Precision(4, DIM)), (precision, precision)]))

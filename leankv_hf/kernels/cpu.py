@@ -38,15 +38,20 @@ CHUNK = 256  # stored rows one parallel task reads: a long head is split, so a f
 
 
 def fusable(parts: list) -> bool:
-    """Whether every part is CPU int codes with per-token groups and 16-bit scales, each group a whole number of
-    bytes (what the kernels read)."""
+    """Whether every part is what the kernels read, on CPU: int codes with per-token groups and 16-bit scales, each
+    group a whole number of bytes, or contiguous 16-bit rows."""
     return all(
-        isinstance(p, QuantizedTensor)
-        and p.fmt == "int"
-        and p.axis == "token"
-        and p.device.type == "cpu"
-        and p.scale.dtype in _SIXTEEN_BIT
-        and p.group_size % (8 // p.bits) == 0
+        p.device.type == "cpu"
+        and (
+            (
+                isinstance(p, QuantizedTensor)
+                and p.fmt == "int"
+                and p.axis == "token"
+                and p.scale.dtype in _SIXTEEN_BIT
+                and p.group_size % (8 // p.bits) == 0
+            )
+            or (isinstance(p, torch.Tensor) and p.dtype in _SIXTEEN_BIT and p.is_contiguous())
+        )
         for p in parts
     )
 
@@ -83,9 +88,10 @@ def _kernels(bits: int, groups: int):
 
     A byte holds ``per = 8 // bits`` codes (`quant.packing`): dim ``per * b + p`` sits in bits ``[p * bits, (p + 1) *
     bits)`` of byte ``b``. The kernels hold queries and outputs in that order, ``[per, D / per]`` planes, so each
-    packed byte is read once and every plane is walked contiguously."""
+    packed byte is read once and every plane is walked contiguously. ``bits=16``: rows of 16-bit floats (their bits
+    as uint16, no scale or zero), each converted once into a float32 row (`_row16`)."""
     f32 = np.float32
-    per = 8 // bits
+    per = max(8 // bits, 1)
     mask = (1 << bits) - 1
 
     @numba.njit(fastmath=True, boundscheck=False, parallel=True)
@@ -106,9 +112,26 @@ def _kernels(bits: int, groups: int):
         for t in numba.prange(tasks.shape[0]):
             s, first, count, slot = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
             qs = q[s]
+            wide, x16 = np.empty(dim, np.uint32), np.empty(dim, np.float32)  # a 16-bit row, converted
             for j in range(count):
                 i = first + j
                 row = codes[i]
+                if bits == 16:
+                    _row16(row, mantissa, wide, x16)
+                    for r in range(0, padded, 4):
+                        t0 = f32(0)
+                        t1 = f32(0)
+                        t2 = f32(0)
+                        t3 = f32(0)
+                        for d in range(dim):
+                            t0 += qs[r, 0, d] * x16[d]
+                            t1 += qs[r + 1, 0, d] * x16[d]
+                            t2 += qs[r + 2, 0, d] * x16[d]
+                            t3 += qs[r + 3, 0, d] * x16[d]
+                        for k, total in enumerate((t0, t1, t2, t3)):
+                            if r + k < rows:
+                                out[s, r + k, slot + j] = total
+                    continue
                 for r in range(0, padded, 4):
                     t0 = f32(0)
                     t1 = f32(0)
@@ -149,9 +172,17 @@ def _kernels(bits: int, groups: int):
         for t in numba.prange(n_tasks):
             s, first, count, slot = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
             acc = partial[t]
+            wide, x16 = np.empty(dim, np.uint32), np.empty(dim, np.float32)
             for j in range(count):
                 i = first + j
                 row = codes[i]
+                if bits == 16:
+                    _row16(row, mantissa, wide, x16)
+                    for r in range(rows):
+                        w = probs[s, r, slot + j]
+                        for d in range(dim):
+                            acc[r, 0, d] += w * x16[d]
+                    continue
                 for r in range(rows):
                     w = probs[s, r, slot + j]
                     for g in range(groups):
@@ -178,6 +209,26 @@ if numba is not None:
         top = bits >> mantissa
         significand = (bits & ((1 << mantissa) - 1)) + (((top & ((1 << (15 - mantissa)) - 1)) != 0) << mantissa)
         return np.float32(significand) * powers[top]
+
+    @numba.njit(inline="always")
+    def _row16(row, mantissa, wide, out):  # pragma: no cover (jit)
+        """``out[:] =`` a row of 16-bit floats (``row`` their bits; 7 mantissa bits: bfloat16, else float16) as
+        float32, in loops LLVM vectorizes: bfloat16 is a float32's high half; float16's exponent is re-biased, and
+        its zeros and subnormals (exponent 0) are computed as ``significand * 2**-24``. Exact for finite values."""
+        if mantissa == 7:
+            for d in range(row.shape[0]):
+                wide[d] = np.uint32(row[d]) << 16
+            out[:] = wide.view(np.float32)
+            return
+        for d in range(row.shape[0]):
+            h = np.uint32(row[d])
+            wide[d] = ((h & 0x8000) << 16) | (((h & 0x7FFF) << 13) + 0x38000000)
+        normal = wide.view(np.float32)
+        for d in range(row.shape[0]):
+            magnitude = row[d] & 0x7FFF
+            small = np.float32(magnitude) * np.float32(2.0**-24)
+            small = -small if row[d] & 0x8000 else small
+            out[d] = small if magnitude < 0x400 else normal[d]
 
     @numba.njit(parallel=True)
     def _noop(x):  # pragma: no cover (jit)
@@ -262,9 +313,11 @@ def _tasks(starts: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor):
 @dataclass
 class _Part:
     """One store's side as the kernels read it: packed codes ``[N, D * bits / 8]`` uint8, 16-bit scale/zero
-    ``[N, groups]`` bits with how to read them (`_powers`), and its tasks (`_tasks`)."""
+    ``[N, groups]`` bits with how to read them (`_powers`), and its tasks (`_tasks`); 16-bit rows: their bits
+    ``[N, D]`` as codes, no scale or zero (empty arrays)."""
 
     bits: int
+    groups: int
     codes: object
     scale: object
     zero: object
@@ -279,13 +332,19 @@ class CodedRows:
     per store, ``(starts, counts, offsets)`` per (batch, head) as int64 tensors (`PaddedLayout.segments`). Made once
     per layout of the stores and kept while they do not change."""
 
-    def __init__(self, parts: list[QuantizedTensor], segments: list[tuple], shape: tuple[int, int, int]):
+    def __init__(self, parts: list, segments: list[tuple], shape: tuple[int, int, int]):
         self.shape = shape  # (batch, heads, width)
-        self.dim = parts[0].last_dim
         self.parts = []
         for p, seg in zip(parts, segments, strict=True):
-            read = _powers(p.scale.dtype)
-            self.parts.append(_Part(p.bits, p.payload.numpy(), _bits(p.scale), _bits(p.zero), *read, _tasks(*seg)))
+            if isinstance(p, QuantizedTensor):
+                self.dim = p.last_dim
+                read = _powers(p.scale.dtype)
+                coded = (p.bits, p.scale.shape[1], p.payload.numpy(), _bits(p.scale), _bits(p.zero))
+            else:  # 16-bit rows
+                self.dim = p.shape[-1]
+                read, none = _powers(p.dtype), np.zeros((0, 1), np.uint16)
+                coded = (16, 1, _bits(p), none, none)
+            self.parts.append(_Part(*coded, *read, _tasks(*seg)))
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]``, -inf in empty slots (so attention needs no mask)."""
@@ -295,9 +354,7 @@ class CodedRows:
         flat = query.reshape(batch * heads, rows, self.dim).float().contiguous().numpy()
         out = torch.full((batch * heads, rows, width), -torch.inf)
         for p in self.parts:
-            _kernels(p.bits, p.scale.shape[1])[0](
-                flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy()
-            )
+            _kernels(p.bits, p.groups)[0](flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy())
         return out.view(batch, heads, rows, width).to(query.dtype)
 
     def weigh(self, probs: torch.Tensor) -> torch.Tensor:
@@ -307,7 +364,5 @@ class CodedRows:
         flat = probs.float().reshape(batch * heads, rows, width).numpy()
         out = torch.zeros(batch * heads, rows, self.dim)
         for p in self.parts:
-            _kernels(p.bits, p.scale.shape[1])[1](
-                flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy()
-            )
+            _kernels(p.bits, p.groups)[1](flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy())
         return out.view(batch, heads, rows, self.dim).to(probs.dtype)
