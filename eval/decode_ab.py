@@ -1,12 +1,14 @@
-"""Decode step time of some caches as a multiple of the full cache's, interleaved in one process (median of repeats).
+"""Decode step time of some caches as a multiple of the full cache's, interleaved in one process.
 
     OMP_NUM_THREADS=1 taskset -c 0 python eval/decode_ab.py --length 1024 --methods full,unified:leankv-m
     PYTHONPATH=<an older checkout> python eval/decode_ab.py ...      # the same for another commit (an A/B)
     python eval/decode_ab.py --length 2048 --methods full,hetero:k8v4 --hetero-dequantized
 
-For differences smaller than the drift between `leankv bench` runs on a shared machine: every repeat measures each
-method once in turn. ``--hetero-dequantized`` adds, for each hetero method, the same cache dequantizing its store
-into a buffer at every step (the path any attention function can read), so the two paths are compared in one run.
+For differences smaller than the drift between `leankv bench` runs on a shared machine: every method's cache is
+prefilled once, then each round decodes ``--steps`` tokens with every method in turn, so the methods of one round
+meet the same machine; a method's ratio is the median over rounds of its time over the full cache's in that round.
+``--hetero-dequantized`` adds, for each hetero method, the same cache dequantizing its store into a buffer at every
+step (the path any attention function can read), so the two paths are compared in one run.
 """
 
 from __future__ import annotations
@@ -39,32 +41,38 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default="full,unified:leankv-m,unified:leankv")
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--hetero-dequantized", action="store_true")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
     ids = torch.tensor([bench_prompt(tokenizer, args.length, 0, model.config.vocab_size)])
-    entries = [(m, False) for m in args.methods.split(",")]
+    methods = args.methods.split(",")
+    entries = [(m, False) for m in ([] if "full" in methods else ["full"]) + methods]  # full: the reference
     if args.hetero_dequantized:
         entries += [(m, True) for m, _ in entries if m.startswith("hetero:")]
     times = {entry: [] for entry in entries}
     with torch.inference_mode():
+        state = {}
+        for method, dense in entries:
+            with dequantized(dense):
+                cache = make_cache(method, model)
+                token = _prefill(model, ids, cache, None)
+                _decode(model, cache, token, 2)
+            state[method, dense] = cache, token
         for _ in range(args.repeats):
-            for method, dense in entries:
-                with dequantized(dense):
-                    cache = make_cache(method, model)
-                    token = _prefill(model, ids, cache, None)
-                    _decode(model, cache, token, 2)
-                    times[method, dense].append(1000 * _decode(model, cache, token, args.steps) / args.steps)
-    full = statistics.median(times["full", False])
+            for entry, (cache, token) in state.items():
+                with dequantized(entry[1]):
+                    times[entry].append(1000 * _decode(model, cache, token, args.steps) / args.steps)
+    full = times["full", False]
     print(
-        f"{args.model}, {args.length} tokens, {torch.get_num_threads()} threads, median of {args.repeats} at {time.ctime()}"
+        f"{args.model}, {args.length} tokens, {torch.get_num_threads()} threads, {args.repeats} rounds of "
+        f"{args.steps} steps at {time.ctime()}"
     )
     for (method, dense), measured in times.items():
-        median = statistics.median(measured)
+        ratio = statistics.median(m / f for m, f in zip(measured, full, strict=True))
         label = method + (" (dequantized)" if dense else "")
-        print(f"{label}: {median:.1f} ms/step, {median / full:.3f}x full")
+        print(f"{label}: {statistics.median(measured):.1f} ms/step (median), {ratio:.3f}x full (median of rounds)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ extra); everything else takes the padded view. Both give the same products up to
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from dataclasses import dataclass
 
@@ -118,20 +119,6 @@ def _kernels(bits: int, groups: int):
                 row = codes[i]
                 if bits == 16:
                     _row16(row, mantissa, wide, x16)
-                    for r in range(0, padded, 4):
-                        t0 = f32(0)
-                        t1 = f32(0)
-                        t2 = f32(0)
-                        t3 = f32(0)
-                        for d in range(dim):
-                            t0 += qs[r, 0, d] * x16[d]
-                            t1 += qs[r + 1, 0, d] * x16[d]
-                            t2 += qs[r + 2, 0, d] * x16[d]
-                            t3 += qs[r + 3, 0, d] * x16[d]
-                        for k, total in enumerate((t0, t1, t2, t3)):
-                            if r + k < rows:
-                                out[s, r + k, slot + j] = total
-                    continue
                 for r in range(0, padded, 4):
                     t0 = f32(0)
                     t1 = f32(0)
@@ -144,13 +131,13 @@ def _kernels(bits: int, groups: int):
                         a3 = f32(0)
                         for p in range(per):
                             for b in range(g * width, g * width + width):
-                                x = f32((row[b] >> (p * bits)) & mask)
+                                x = x16[b] if bits == 16 else f32((row[b] >> (p * bits)) & mask)
                                 a0 += qs[r, p, b] * x
                                 a1 += qs[r + 1, p, b] * x
                                 a2 += qs[r + 2, p, b] * x
                                 a3 += qs[r + 3, p, b] * x
-                        sc = _float16(scale[i, g], powers, mantissa)
-                        ze = _float16(zero[i, g], powers, mantissa)
+                        sc = f32(1) if bits == 16 else _float16(scale[i, g], powers, mantissa)
+                        ze = f32(0) if bits == 16 else _float16(zero[i, g], powers, mantissa)
                         t0 += a0 * sc + ze * sums[s, r, g]
                         t1 += a1 * sc + ze * sums[s, r + 1, g]
                         t2 += a2 * sc + ze * sums[s, r + 2, g]
@@ -178,19 +165,15 @@ def _kernels(bits: int, groups: int):
                 row = codes[i]
                 if bits == 16:
                     _row16(row, mantissa, wide, x16)
-                    for r in range(rows):
-                        w = probs[s, r, slot + j]
-                        for d in range(dim):
-                            acc[r, 0, d] += w * x16[d]
-                    continue
                 for r in range(rows):
                     w = probs[s, r, slot + j]
                     for g in range(groups):
-                        ws = w * _float16(scale[i, g], powers, mantissa)
-                        zeros[t, r, g] += w * _float16(zero[i, g], powers, mantissa)
+                        ws = w if bits == 16 else w * _float16(scale[i, g], powers, mantissa)
+                        if bits != 16:
+                            zeros[t, r, g] += w * _float16(zero[i, g], powers, mantissa)
                         for p in range(per):
                             for b in range(g * width, g * width + width):
-                                acc[r, p, b] += ws * f32((row[b] >> (p * bits)) & mask)
+                                acc[r, p, b] += ws * (x16[b] if bits == 16 else f32((row[b] >> (p * bits)) & mask))
         for t in range(n_tasks):
             s = tasks[t, 0]
             for r in range(rows):
@@ -269,6 +252,21 @@ def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean"
     return folded
 
 
+_compiled = [False]  # whether a kernel was compiled since the last call (`_run`)
+
+
+def _run(kernel, *args) -> None:
+    """Call ``kernel``. numba's compiler (a kernel's first call for its argument types) can leave a reference cycle
+    through the calling frames, which hold the cache's layer: it is collected at the next kernel call, once those
+    frames have returned, so that a dropped cache frees its memory without waiting for the garbage collector."""
+    if _compiled[0]:
+        _compiled[0] = False
+        gc.collect()
+    compiled = len(kernel.overloads)
+    kernel(*args)
+    _compiled[0] = len(kernel.overloads) != compiled
+
+
 _threads = [0]  # the thread count last handed to numba
 
 
@@ -285,17 +283,16 @@ def _use_torch_threads() -> None:
 def _start_pool() -> None:
     """Start numba's threads with idle workers that sleep at once. Its OpenMP runtime is not torch's (numba links
     libgomp by another name), and by default an idle OpenMP worker spins for a while: two spinning pools would take
-    the cores from torch's next operation and from Python between the kernels. Read when the runtime loads, so
-    the variable is set for that moment only."""
-    before = os.environ.get("OMP_WAIT_POLICY")
-    os.environ["OMP_WAIT_POLICY"] = os.environ.get("LEANKV_WAIT", "PASSIVE")
+    the cores from torch's next operation and from Python between the kernels. The runtime reads the variable when
+    it loads, so it is set for that moment only (a user's own ``OMP_WAIT_POLICY`` holds)."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        _noop(np.zeros(1))
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         _noop(np.zeros(1))
     finally:
-        if before is None:
-            del os.environ["OMP_WAIT_POLICY"]
-        else:
-            os.environ["OMP_WAIT_POLICY"] = before
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def _tasks(starts: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor):
@@ -354,15 +351,35 @@ class CodedRows:
         flat = query.reshape(batch * heads, rows, self.dim).float().contiguous().numpy()
         out = torch.full((batch * heads, rows, width), -torch.inf)
         for p in self.parts:
-            _kernels(p.bits, p.groups)[0](flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy())
+            _run(
+                _kernels(p.bits, p.groups)[0],
+                flat,
+                p.codes,
+                p.scale,
+                p.zero,
+                p.powers,
+                p.mantissa,
+                p.tasks,
+                out.numpy(),
+            )
         return out.view(batch, heads, rows, width).to(query.dtype)
 
     def weigh(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs[B, H, Q, W] @ rows`` -> ``[B, H, Q, D]``; ``probs`` may be a slice of wider rows."""
         _use_torch_threads()
         batch, heads, rows, width = probs.shape
-        flat = probs.float().reshape(batch * heads, rows, width).numpy()
+        flat = probs.float().reshape(batch * heads, rows, width).contiguous().numpy()
         out = torch.zeros(batch * heads, rows, self.dim)
         for p in self.parts:
-            _kernels(p.bits, p.groups)[1](flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy())
+            _run(
+                _kernels(p.bits, p.groups)[1],
+                flat,
+                p.codes,
+                p.scale,
+                p.zero,
+                p.powers,
+                p.mantissa,
+                p.tasks,
+                out.numpy(),
+            )
         return out.view(batch, heads, rows, self.dim).to(probs.dtype)
