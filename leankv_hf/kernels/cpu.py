@@ -345,41 +345,24 @@ class CodedRows:
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """``query[B, H, Q, D] @ rows^T`` -> ``[B, H, Q, W]``, -inf in empty slots (so attention needs no mask)."""
-        _use_torch_threads()
         batch, heads, width = self.shape
         rows = query.shape[2]
         flat = query.reshape(batch * heads, rows, self.dim).float().contiguous().numpy()
         out = torch.full((batch * heads, rows, width), -torch.inf)
-        for p in self.parts:
-            _run(
-                _kernels(p.bits, p.groups)[0],
-                flat,
-                p.codes,
-                p.scale,
-                p.zero,
-                p.powers,
-                p.mantissa,
-                p.tasks,
-                out.numpy(),
-            )
+        self._each_part(0, flat, out)
         return out.view(batch, heads, rows, width).to(query.dtype)
 
     def weigh(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs[B, H, Q, W] @ rows`` -> ``[B, H, Q, D]``; ``probs`` may be a slice of wider rows."""
-        _use_torch_threads()
         batch, heads, rows, width = probs.shape
         flat = probs.float().reshape(batch * heads, rows, width).contiguous().numpy()
         out = torch.zeros(batch * heads, rows, self.dim)
-        for p in self.parts:
-            _run(
-                _kernels(p.bits, p.groups)[1],
-                flat,
-                p.codes,
-                p.scale,
-                p.zero,
-                p.powers,
-                p.mantissa,
-                p.tasks,
-                out.numpy(),
-            )
+        self._each_part(1, flat, out)
         return out.view(batch, heads, rows, self.dim).to(probs.dtype)
+
+    def _each_part(self, kernel: int, flat, out: torch.Tensor) -> None:
+        """Run `_kernels`' ``kernel`` (0: scores, 1: weigh) on every part, from ``flat`` into ``out``."""
+        _use_torch_threads()
+        for p in self.parts:
+            run = _kernels(p.bits, p.groups)[kernel]
+            _run(run, flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy())
