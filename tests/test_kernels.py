@@ -88,6 +88,49 @@ def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one():
     assert all(torch.equal(a, b) for a, b in zip(products[1], products[2], strict=True))
 
 
+def test_the_first_kernel_call_leaves_torchs_thread_count_alone():
+    """Starting numba's OpenMP pool sets torch's OpenMP thread count to every core: a user's one-thread setting must
+    hold through a process's first decode step (a fresh process, so the pool is not started yet)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from leankv_hf.kernels import cpu\n"
+        "torch.set_num_threads(1)\n"
+        "cpu._use_torch_threads()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1"]
+
+
+def test_a_new_python_thread_runs_the_kernels_on_torchs_thread_count_too():
+    """numba's thread count is set per Python thread: a second thread (a server's worker) must get its own."""
+    import threading
+
+    import numba
+
+    fused = PaddedLayout(ragged_stores(MIXES["one store"])).view(torch.float32, fused=True)
+    query = torch.randn(*fused.valid.shape[:2], 1, DIM)
+    before = torch.get_num_threads()
+    seen = []
+
+    def decode() -> None:
+        fused.logits(query)
+        seen.append((numba.get_num_threads(), min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+    try:
+        torch.set_num_threads(1)
+        fused.logits(query)  # this thread first, at one thread
+        worker = threading.Thread(target=decode)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 1 and seen[0][0] == seen[0][1]
+
+
 def test_bfloat16_queries_get_bfloat16_products():
     """A bfloat16 model on CPU: the kernels compute in float32 and hand back bfloat16 (within its rounding)."""
     layout = PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -267,32 +268,37 @@ def _run(kernel, *args) -> None:
     _compiled[0] = len(kernel.overloads) != compiled
 
 
-_threads = [0]  # the thread count last handed to numba
+_threads = threading.local()  # per Python thread (numba's setting is per thread): the count last handed to numba
+_pool = []  # holds True once numba's thread pool has started (`_start_pool`)
 
 
 def _use_torch_threads() -> None:
     """Run the kernels on as many threads as torch is given (``torch.set_num_threads``, ``OMP_NUM_THREADS``)."""
     threads = torch.get_num_threads()
-    if threads != _threads[0]:
-        if _threads[0] == 0:
+    if getattr(_threads, "count", 0) != threads:
+        if not _pool:
             _start_pool()
+            _pool.append(True)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        _threads[0] = threads
+        _threads.count = threads
 
 
 def _start_pool() -> None:
-    """Start numba's threads with idle workers that sleep at once. Its OpenMP runtime is not torch's (numba links
-    libgomp by another name), and by default an idle OpenMP worker spins for a while: two spinning pools would take
-    the cores from torch's next operation and from Python between the kernels. The runtime reads the variable when
-    it loads, so it is set for that moment only (a user's own ``OMP_WAIT_POLICY`` holds)."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        _noop(np.zeros(1))
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    """Start numba's threads with idle workers that sleep at once, leaving torch's thread count as it was (starting
+    numba's OpenMP pool sets it to every core). numba's OpenMP runtime is not torch's (numba links libgomp by another
+    name), and by default an idle OpenMP worker spins for a while: two spinning pools would take the cores from
+    torch's next operation and from Python between the kernels. The runtime reads the variable when it loads, so it
+    is set for that moment only (a user's own ``OMP_WAIT_POLICY`` holds)."""
+    threads = torch.get_num_threads()
+    policy = "OMP_WAIT_POLICY" not in os.environ
+    if policy:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         _noop(np.zeros(1))
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
+        if policy:
+            del os.environ["OMP_WAIT_POLICY"]
+        torch.set_num_threads(threads)
 
 
 def _tasks(starts: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor):
