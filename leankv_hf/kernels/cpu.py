@@ -8,8 +8,8 @@ read once and no float body exists. Only the logits ``[B, H, Q, W]`` (the softma
 written. Long heads are split into tasks so that a few heads still use every thread, on numba's OpenMP layer
 where it loads (a parallel region starts in microseconds there).
 
-Used for stores on CPU whose rows are int codes with per-token groups, when numba is installed (the ``cpu``
-extra); everything else takes the padded view. Both give the same products up to float summation order.
+Used for stores on CPU whose rows are int codes with per-token groups or 16-bit floats, when numba is installed
+(the ``cpu`` extra); everything else takes the padded view. Both give the same products up to float summation order.
 """
 
 from __future__ import annotations
@@ -269,20 +269,18 @@ def _run(kernel, *args) -> None:
 
 
 _threads = threading.local()  # per Python thread (numba's setting is per thread): the count last handed to numba
-_pool = []  # holds True once numba's thread pool has started (`_start_pool`)
 
 
 def _use_torch_threads() -> None:
     """Run the kernels on as many threads as torch is given (``torch.set_num_threads``, ``OMP_NUM_THREADS``)."""
     threads = torch.get_num_threads()
     if getattr(_threads, "count", 0) != threads:
-        if not _pool:
-            _start_pool()
-            _pool.append(True)
+        _start_pool()
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         _threads.count = threads
 
 
+@functools.cache  # once per process
 def _start_pool() -> None:
     """Start numba's threads with idle workers that sleep at once, leaving torch's thread count as it was (starting
     numba's OpenMP pool sets it to every core). numba's OpenMP runtime is not torch's (numba links libgomp by another
