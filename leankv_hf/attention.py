@@ -211,19 +211,20 @@ def _stored_step(store, query, key, value, attention_mask, scaling: float | None
 
 def _probe_attention(layer, query, key, value, scale: float, groups: int) -> torch.Tensor:
     """A probe re-reading window tokens ``[start, stop)`` (`scoring.ContextReconstruction`). Its queries attend to what
-    the layer has stored (the compressed body), the window up to ``stop`` and their own tokens, causally; that output
-    feeds the next layer (sdpa). A re-read token's score is the most attention it gets from the valid queries (over
-    the query heads of its KV head) renormalized over the sinks, the re-read tokens and the probe's own, as KVzip
-    does: a chunk's scores do not shrink as the context before it grows. Renormalized over those columns, the
-    attention is a softmax over them alone, so only their logits are computed. Returns the output ``[B, P, Hq, D]``."""
+    the layer has stored (the compressed body), the window columns it reads (`LeanLayer._probe_view`) and their own
+    tokens, causally; that output feeds the next layer (sdpa). A re-read token's score is the most attention it gets
+    from the valid queries (over the query heads of its KV head) renormalized over the sinks, the re-read tokens and
+    the probe's own, as KVzip does: a chunk's scores do not shrink as the context before it grows. Renormalized over
+    those columns, the attention is a softmax over them alone, so only their logits are computed. Returns the output
+    ``[B, P, Hq, D]``."""
     probe = layer.probe
     batch, q_heads, p_len, _ = query.shape
     heads = key.shape[1]
     device = query.device
-    window = layer.recent_valid[:, : probe.stop]
+    window = layer.recent_valid[:, layer.probe_columns]  # [B, C]: the window columns the probe reads
     own = torch.ones(p_len, p_len, dtype=torch.bool, device=device).tril()
     own = own & (probe.valid[:, None, :] | torch.eye(p_len, dtype=torch.bool, device=device))  # [B, P, P]
-    visible = torch.cat([window[:, None, :].expand(-1, p_len, -1), own], -1)[:, None]  # [B, 1, P, stop + P]
+    visible = torch.cat([window[:, None, :].expand(-1, p_len, -1), own], -1)[:, None]  # [B, 1, P, C + P]
     all_keys, all_values, stored = key, value, None
     body = layer.body_view(query.dtype)
     sinks_k, sinks_valid = key[:, :, :0], torch.ones(batch, heads, 0, dtype=torch.bool, device=device)
@@ -233,23 +234,25 @@ def _probe_attention(layer, query, key, value, scale: float, groups: int) -> tor
         sinks = min(layer.settings.sink, stored_keys.shape[2])
         sinks_k, sinks_valid = stored_keys[:, :, :sinks], body.valid[:, :, :sinks]
     out = _masked_attention(query, all_keys, all_values, visible, stored, scale, groups)
-    columns, is_sink = layer.probe_sinks  # window columns before the re-read ones that hold sinks
-    columns = columns.to(device)
-    span = slice(probe.start, probe.stop)
-    scored = torch.cat([sinks_k, key[:, :, columns], key[:, :, span], key[:, :, probe.stop :]], 2)
+    sinks, is_sink = layer.probe_sinks  # the first window columns read, before the re-read ones, may hold sinks
+    span = slice(window.shape[1] - (probe.stop - probe.start), window.shape[1])  # the re-read columns; own ones follow
+    scored = torch.cat([sinks_k, key[:, :, :sinks], key[:, :, span.start :]], 2)
     counted = torch.cat(  # [B, H, 1, S]: which of those columns each row's queries may count
         [sinks_valid, is_sink[:, None].expand(-1, heads, -1), window[:, None, span].expand(-1, heads, -1)], -1
     )[:, :, None]
-    first, fixed = sinks_k.shape[2] + columns.numel(), counted.shape[-1]
+    first, fixed = sinks_k.shape[2] + sinks, counted.shape[-1]
+    uncounted = None if bool(counted.all()) else ~counted[:, :, None]  # usually none: no padding, every sink real
+    invalid = None if bool(probe.valid.all()) else ~probe.valid[:, None, None, :, None]
     best = None
     for block in _query_blocks(p_len, batch * q_heads * scored.shape[2]):  # like the output: bounded memory
-        logits = torch.matmul(_gqa_pack(query[:, :, block], groups), scored.transpose(-1, -2)).float().mul_(scale)
+        logits = torch.matmul(_gqa_pack(query[:, :, block] * scale, groups), scored.transpose(-1, -2)).float()
         grid = logits.view(batch, heads, groups, block.stop - block.start, -1)
-        grid[..., :fixed].masked_fill_(~counted[:, :, None], -torch.inf)
+        if uncounted is not None:
+            grid[..., :fixed].masked_fill_(uncounted, -torch.inf)
         grid[..., fixed:].masked_fill_(~own[:, None, None, block], -torch.inf)
-        grid.sub_(grid.amax(-1, keepdim=True)).exp_()  # the softmax in place: no second block of floats
-        received = grid[..., first : first + span.stop - span.start].div_(grid.sum(-1, keepdim=True))
-        received = received.masked_fill_(~probe.valid[:, None, None, block, None], 0)
+        received = torch.softmax(grid, -1, out=grid)[..., first : first + span.stop - span.start]  # in place
+        if invalid is not None:
+            received = received.masked_fill(invalid[:, :, :, block], 0)
         per_head = (received.amax(2) if layer.gqa == "max" else received.mean(2)).amax(2)
         best = per_head if best is None else torch.maximum(best, per_head)
     layer.fold_probe(best)

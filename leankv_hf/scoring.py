@@ -90,11 +90,15 @@ class KeyDiversity(Scorer):
 @dataclass(frozen=True)
 class ContextReconstruction(Scorer):
     """Question-agnostic scores from re-reading each prompt (KVzip). ``chunk``: prompt tokens one probe forward
-    re-reads and the cache then compacts (its transient attention is ``chunk x (kept + chunk)`` per query head);
-    ``instruction``: token ids placed before the re-read tokens (e.g. the tokenization of "Repeat the previous
-    context exactly."); empty: plain repetition. Decode queries fold in by max."""
+    re-reads and the cache then compacts; ``lookback``: the prompt tokens before those that it sees besides the
+    sinks and the stored body (None: all of them). Re-reading a token finds its first reading nearby, so a bounded
+    lookback keeps the pass linear in the prompt's length (its attention is ``chunk x (lookback + 2 chunk)`` per
+    query head) where seeing everything makes it quadratic. ``instruction``: token ids placed before the re-read
+    tokens (e.g. the tokenization of "Repeat the previous context exactly."); empty: plain repetition. Decode
+    queries fold in by max."""
 
     chunk: int = 512
+    lookback: int | None = 512
     instruction: tuple[int, ...] = field(default=())
     name = "reconstruct"
     reduce = "max"
@@ -102,6 +106,8 @@ class ContextReconstruction(Scorer):
 
     def __post_init__(self):
         _positive_int("chunk", self.chunk)
+        if self.lookback is not None:
+            _positive_int("lookback", self.lookback)
         object.__setattr__(self, "instruction", tuple(self.instruction))
         if not all(isinstance(i, int) and i >= 0 for i in self.instruction):
             raise ValueError(f"instruction={self.instruction!r} must be token ids (ints >= 0)")
@@ -130,7 +136,8 @@ class ContextReconstruction(Scorer):
             positions = real + (valid.cumsum(1) - 1).clamp(min=0)  # a row's padding takes no positions
             if attention_mask is not None:  # what the decoder's own masks (sliding layers) see: prompt, then probe
                 mask = torch.cat([attention_mask, valid.to(attention_mask.dtype)], 1)
-            with cache.probing(Probe(start, stop, valid)):
+            first_read = 0 if self.lookback is None else max(start - self.lookback, 0)
+            with cache.probing(Probe(start, stop, valid, first_read)):
                 decoder(**{name: inputs}, position_ids=positions, attention_mask=mask, past_key_values=cache)
             start = stop
         for layer in layers:
@@ -139,12 +146,13 @@ class ContextReconstruction(Scorer):
 
 @dataclass(frozen=True)
 class Probe:
-    """A probe forward in progress: it re-reads window tokens ``[start, stop)``; ``valid[B, P]`` marks its real
-    tokens (instruction, and re-read tokens that are not padding)."""
+    """A probe forward in progress: it re-reads window tokens ``[start, stop)`` and sees those from ``first_read`` on
+    (and the sinks); ``valid[B, P]`` marks its real tokens (instruction, and re-read tokens that are not padding)."""
 
     start: int
     stop: int
     valid: torch.Tensor
+    first_read: int = 0
 
 
 SCORERS: dict[str, type[Scorer]] = {

@@ -43,11 +43,13 @@ def record_scores(monkeypatch) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def reference_scores(model, ids: torch.Tensor, chunk: int, sink: int) -> list[torch.Tensor]:
+def reference_scores(
+    model, ids: torch.Tensor, chunk: int, sink: int, lookback: int | None = None
+) -> list[torch.Tensor]:
     """KVzip's scores from transformers' eager attention: the prompt in a DynamicCache; each chunk re-read after the
-    prompt up to the chunk's end, at the positions that follow the whole prompt; a token's score is the most attention
-    it gets from the re-reading queries (max over the query heads of its KV head) under a softmax over the sinks, the
-    chunk and the re-reading tokens only."""
+    prompt up to the chunk's end (its sinks, and the ``lookback`` tokens before it when given), at the positions that
+    follow the whole prompt; a token's score is the most attention it gets from the re-reading queries (max over the
+    query heads of its KV head) under a softmax over the sinks, the chunk and the re-reading tokens only."""
     model.set_attn_implementation("eager")
     n = ids.shape[1]
     heads = model.config.num_key_value_heads
@@ -57,16 +59,20 @@ def reference_scores(model, ids: torch.Tensor, chunk: int, sink: int) -> list[to
     scores = [torch.zeros(1, heads, n) for _ in range(model.config.num_hidden_layers)]
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        cache = DynamicCache(config=model.config)  # the prompt up to the chunk's end: later chunks await their turn
+        first = 0 if lookback is None else max(a - lookback, 0)
+        seen = sorted(set(range(min(sink, b))) | set(range(first, b)))  # later chunks await their turn
+        cache = DynamicCache(config=model.config)
         for i, layer in enumerate(prompt.layers):
-            cache.update(layer.keys[:, :, :b].clone(), layer.values[:, :, :b].clone(), i)
+            cache.update(layer.keys[:, :, seen].clone(), layer.values[:, :, seen].clone(), i)
         out = model(
             input_ids=ids[:, a:b],
             past_key_values=cache,
             position_ids=torch.arange(n, n + b - a)[None],
             output_attentions=True,
         )
-        columns = torch.cat([torch.arange(min(sink, a)), torch.arange(a, b), torch.arange(b, 2 * b - a)])
+        at = {token: column for column, token in enumerate(seen)}
+        own = range(len(seen), len(seen) + b - a)
+        columns = torch.tensor([at[t] for t in [*range(min(sink, a)), *range(a, b)]] + list(own))
         for i, probs in enumerate(out.attentions):
             kept = probs[0][:, :, columns]
             kept = kept / kept.sum(-1, keepdim=True)
@@ -76,12 +82,13 @@ def reference_scores(model, ids: torch.Tensor, chunk: int, sink: int) -> list[to
     return scores
 
 
-def test_probe_scores_match_eager_attention(tiny_tok, monkeypatch):
+@pytest.mark.parametrize("lookback", [None, 2, 40])
+def test_probe_scores_match_eager_attention(tiny_tok, monkeypatch, lookback):
     model = lively("llama")
     ids = tiny_tok([TINY_PROMPT[:150]], return_tensors="pt").input_ids
-    expected = reference_scores(model, ids, chunk=64, sink=4)
+    expected = reference_scores(model, ids, chunk=64, sink=4, lookback=lookback)
     seen = record_scores(monkeypatch)
-    scorer = ContextReconstruction(chunk=64)
+    scorer = ContextReconstruction(chunk=64, lookback=lookback)
     cache = SparseHeadCache(model, budget=0.5, scorer=scorer, storage_dtype=torch.float32, recent=8)
     with torch.inference_mode():
         model(input_ids=ids, past_key_values=cache)
@@ -89,6 +96,26 @@ def test_probe_scores_match_eager_attention(tiny_tok, monkeypatch):
     for got, want in zip(seen, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert all(0 < float(got.max()) <= 1 for got in seen)
+
+
+def test_a_padded_row_scores_as_if_alone(tiny_tok, monkeypatch):
+    """Left padding takes no part in a row's scores: neither as re-read tokens, nor as the probe's queries."""
+    model = lively("llama")
+    short, long = TINY_PROMPT[:60], TINY_PROMPT[:100]
+    seen = record_scores(monkeypatch)
+    for prompts in ([short], [long, short]):
+        inputs = tiny_tok(prompts, return_tensors="pt", padding=True)
+        positions = (inputs.attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate gives them
+        scorer = ContextReconstruction(chunk=256)  # one chunk: the same tokens re-read together
+        cache = SparseHeadCache(model, budget=0.5, scorer=scorer, storage_dtype=torch.float32, recent=8)
+        with torch.inference_mode():
+            model(**inputs, position_ids=positions, past_key_values=cache)
+    layers = model.config.num_hidden_layers
+    alone, padded = seen[:layers], seen[layers:]
+    n = alone[0].shape[-1]
+    for want, got in zip(alone, padded, strict=True):
+        assert bool((got[1, :, :-n] == 0).all())  # padding scores nothing
+        torch.testing.assert_close(got[1:, :, -n:], want, rtol=1e-4, atol=1e-6)
 
 
 def test_probe_stores_nothing_and_the_prompt_is_compressed(tiny_tok):
@@ -201,6 +228,7 @@ def test_a_model_without_the_hook_raises(tiny_tok):
         (lambda m: SparseHeadCache(m, scorer="kvzip"), "scorer='kvzip'"),
         (lambda m: SparseHeadCache(m, scorer={"name": "reconstruct", "chunks": 4}), r"\['chunks'\]"),
         (lambda m: SparseHeadCache(m, scorer={"name": "reconstruct", "chunk": 0}), "chunk=0"),
+        (lambda m: SparseHeadCache(m, scorer={"name": "reconstruct", "lookback": -1}), "lookback=-1"),
         (lambda m: SparseHeadCache(m, policy="threshold", scorer="reconstruct"), "ranking policy"),
         (lambda m: SparseHeadCache(m, policy="quest", scorer="reconstruct"), "evicts nothing"),
         (lambda m: UnifiedLeanCache(m, group_size=16, scorer="reconstruct"), "ranking policy"),
@@ -214,7 +242,12 @@ def test_bad_scorer_settings_raise_at_construction(build, named):
 
 
 def test_scorer_specs_round_trip():
-    for scorer in (ObservationWindow(), ContextReconstruction(), ContextReconstruction(chunk=128, instruction=(5, 6))):
+    for scorer in (
+        ObservationWindow(),
+        ContextReconstruction(),
+        ContextReconstruction(chunk=128, lookback=256, instruction=(5, 6)),
+        ContextReconstruction(lookback=None),
+    ):
         assert make_scorer(scorer_spec(scorer), window=32) == scorer
     assert scorer_spec(ContextReconstruction()) == "reconstruct"
     assert scorer_spec(ContextReconstruction(chunk=128)) == {"name": "reconstruct", "chunk": 128}

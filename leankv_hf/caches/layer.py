@@ -255,22 +255,28 @@ class LeanLayer(CompressedLayer):
             self.compact()
 
     def _probe_view(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """What a probe reads besides the stored body, in the model's dtype: the window up to the end of the tokens it
-        re-reads (later ones await their own probe), then its own tokens. ``probe_sinks``: the window columns before
-        the re-read ones that hold sink tokens, and which of them are each row's sinks ``[B, S]``."""
+        """What a probe reads besides the stored body, in the model's dtype: the window's sink columns, its columns
+        from the probe's ``first_read`` to the end of the tokens it re-reads (later ones await their own probe), then
+        its own tokens. ``probe_columns``: the window columns read, ascending; ``probe_sinks``: how many of them
+        come before the re-read ones and may hold sinks, and which of those are each row's sinks ``[B, S]``."""
+        start, stop = self.probe.start, self.probe.stop
         first = self.seen - self.keys.shape[-2]  # position of the window's first token
-        columns = torch.arange(min(max(int((self.padding + self.settings.sink).max()) - first, 0), self.probe.start))
-        position = first + columns.to(self.device)
+        sinks = min(max(int((self.padding + self.settings.sink).max()) - first, 0), start)
+        lo = max(self.probe.first_read, sinks)
+        columns = torch.cat([torch.arange(sinks), torch.arange(lo, stop)]).to(self.device)
+        position = first + columns[:sinks]
         sink = (position >= self.padding[:, None]) & (position < (self.padding + self.settings.sink)[:, None])
-        self.probe_sinks = columns, sink
-        keys = torch.cat([self.keys[:, :, : self.probe.stop].to(self.dtype), key_states], -2)
-        values = torch.cat([self.values[:, :, : self.probe.stop].to(self.dtype), value_states], -2)
+        self.probe_columns, self.probe_sinks = columns, (sinks, sink)
+        window = slice(None, stop) if lo == sinks else columns
+        keys = torch.cat([self.keys[:, :, window].to(self.dtype), key_states], -2)
+        values = torch.cat([self.values[:, :, window].to(self.dtype), value_states], -2)
         keys.leankv_layer = self
         return keys, values
 
     def settle(self) -> None:
         """The pending tokens got their scores (from a probe): compact."""
         self.pending = 0
+        self.probe_columns = self.probe_sinks = None  # the last probe's view: not part of what the cache holds
         self.compact()
 
     def fold_probe(self, scores: torch.Tensor) -> None:

@@ -77,6 +77,7 @@ def bench_prompt(tokenizer: PreTrainedTokenizerBase | None, length: int, seed: i
 
 
 SMALL = 64  # tokens of the prompt whose peak memory is each method's baseline
+WARM = 512  # tokens of a warm-up prompt: enough for rows to leave the exact window into every tier
 
 
 def _prefill(model: PreTrainedModel, tokens: torch.Tensor, cache, prefill_chunk: int | None) -> torch.Tensor:
@@ -130,8 +131,9 @@ def _measure(
 
 def _warm_length(length: int, prefill_chunk: int | None) -> int:
     """Tokens of a warm-up prompt that takes every path a ``length``-token one does (with a chunked prefill, chunks
-    that meet a compressed body), so one-time costs such as kernel compilation fall outside the measurements."""
-    return min(length, SMALL if prefill_chunk is None else 2 * prefill_chunk + SMALL)
+    that meet a compressed body, and decode steps that read every tier), so one-time costs such as kernel compilation
+    fall outside the measurements."""
+    return min(length, WARM if prefill_chunk is None else 2 * prefill_chunk + WARM)
 
 
 def _resident_kib(field: str) -> int:
