@@ -97,8 +97,8 @@ class ContextReconstruction(Scorer):
     tokens (e.g. the tokenization of "Repeat the previous context exactly."); empty: plain repetition. Decode
     queries fold in by max."""
 
-    chunk: int = 512
-    lookback: int | None = 512
+    chunk: int = 256
+    lookback: int | None = 256
     instruction: tuple[int, ...] = field(default=())
     name = "reconstruct"
     reduce = "max"
