@@ -234,7 +234,8 @@ def _probe_attention(layer, query, key, value, scale: float, groups: int) -> tor
         sinks = min(layer.settings.sink, stored_keys.shape[2])
         sinks_k, sinks_valid = stored_keys[:, :, :sinks], body.valid[:, :, :sinks]
     out = _masked_attention(query, all_keys, all_values, visible, stored, scale, groups)
-    sinks, is_sink = layer.probe_sinks  # the first window columns read, before the re-read ones, may hold sinks
+    is_sink = layer.probe_sinks  # [B, S]: the first S window columns read, before the re-read ones, may hold sinks
+    sinks = is_sink.shape[1]
     span = slice(window.shape[1] - (probe.stop - probe.start), window.shape[1])  # the re-read columns; own ones follow
     scored = torch.cat([sinks_k, key[:, :, :sinks], key[:, :, span.start :]], 2)
     counted = torch.cat(  # [B, H, 1, S]: which of those columns each row's queries may count

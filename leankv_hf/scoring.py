@@ -153,7 +153,7 @@ class Probe:
     start: int
     stop: int
     valid: torch.Tensor
-    first_read: int = 0
+    first_read: int
 
 
 SCORERS: dict[str, type[Scorer]] = {

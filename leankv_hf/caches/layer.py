@@ -257,8 +257,8 @@ class LeanLayer(CompressedLayer):
     def _probe_view(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """What a probe reads besides the stored body, in the model's dtype: the window's sink columns, its columns
         from the probe's ``first_read`` to the end of the tokens it re-reads (later ones await their own probe), then
-        its own tokens. ``probe_columns``: the window columns read, ascending; ``probe_sinks``: how many of them
-        come before the re-read ones and may hold sinks, and which of those are each row's sinks ``[B, S]``."""
+        its own tokens. ``probe_columns``: the window columns read, ascending; ``probe_sinks[B, S]``: which of the
+        first ``S`` of them (those before the re-read ones that may hold sinks) are each row's sinks."""
         start, stop = self.probe.start, self.probe.stop
         first = self.seen - self.keys.shape[-2]  # position of the window's first token
         sinks = min(max(int((self.padding + self.settings.sink).max()) - first, 0), start)
@@ -266,7 +266,7 @@ class LeanLayer(CompressedLayer):
         columns = torch.cat([torch.arange(sinks), torch.arange(lo, stop)]).to(self.device)
         position = first + columns[:sinks]
         sink = (position >= self.padding[:, None]) & (position < (self.padding + self.settings.sink)[:, None])
-        self.probe_columns, self.probe_sinks = columns, (sinks, sink)
+        self.probe_columns, self.probe_sinks = columns, sink
         window = slice(None, stop) if lo == sinks else columns
         keys = torch.cat([self.keys[:, :, window].to(self.dtype), key_states], -2)
         values = torch.cat([self.values[:, :, window].to(self.dtype), value_states], -2)
