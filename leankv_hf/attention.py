@@ -135,7 +135,14 @@ def leankv_attention(
     body = layer.body_view(query.dtype, query, fused=window == q_len)
     packed_q = _gqa_pack(query, groups)
     valid = None if body is None else body.valid
-    if window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores
+    step = body.step if body is not None and q_len == window == 1 else None
+    if step is not None:  # one kernel call: the output, and the scores every stored row and window token received
+        reduced = packed_q if body.basis is None else packed_q @ body.basis
+        visible = None if recent_mask is None else recent_mask[:, 0, 0]
+        by_max, peak = layer.gqa == "max", layer.settings.scorer.reduce == "max"
+        out = step(packed_q, reduced, key, value, visible, scale, by_max, peak, layer.recent_scores, layer.recent_ages)
+        probs = None  # folded already
+    elif window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores
         visible = None if recent_mask is None else _visible(recent_mask, None, slice(None), heads, groups)
         probs, out = _explicit_attention(packed_q, body, key, value, visible, scale)
     else:
@@ -173,8 +180,8 @@ def leankv_attention(
         per_head = per_head.amax(2) if layer.gqa == "max" else per_head.mean(2)
         observed = per_head.amax(2) if layer.settings.scorer.reduce == "max" else per_head.sum(2)
         layer.observe(observed, per_head.shape[2], last_query_sees, q_len)
-    else:  # no query reports scores (a query-aware policy, or a prompt a probe will score); the layer still compacts
-        layer.observe(None, 0, last_query_sees, q_len)
+    else:  # no query reports scores (a query-aware policy, a prompt a probe will score, a step that folded its own)
+        layer.observe(None, 0, last_query_sees, q_len)  # the layer still compacts when due
     out = out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
     return out, None
 

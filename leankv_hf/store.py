@@ -424,6 +424,7 @@ class Body:
     values: PaddedRows | kernels.cpu.CodedRows
     valid: torch.Tensor
     basis: torch.Tensor | None = None
+    step: kernels.cpu.DecodeStep | None = None  # a decode step over these rows in one call, where a kernel does it
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
         """``query[B, H, Q, D] @ keys^T`` -> ``[B, H, Q, W]``, -inf in empty slots; low-rank keys are scored in
@@ -467,7 +468,9 @@ class PaddedLayout:
         table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
         self.starts, self.offsets = table[:, 0], table[:, 2]
         self.segments = list(table)
-        self._readers = None  # the kernels' readers of the stores in place (`view`), made on first use
+        self._readers = (
+            None  # the kernels' readers of the stores in place and their decode step (`view`), made on first use
+        )
 
     def slots(self) -> list[torch.Tensor]:
         """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at
@@ -483,28 +486,44 @@ class PaddedLayout:
         """Every stored row decoded into its slot (low-rank keys stay coefficients); empty slots are zero.
         ``fused``: where `kernels` can read the stores in place, the body's rows are their readers (same
         products, no padded copy)."""
-        (batch, heads), shape = self.shape, (*self.shape, self.width)
-        device = self.held.device
-        held = [i for i, store in enumerate(self.stores) if store.rows]
-        keys, values = [self.stores[i].keys for i in held], [self.stores[i].values for i in held]
-        valid = (torch.arange(self.width, device=device) < self.held[:, None]).view(shape)
-        basis = self.stores[held[0]].basis
-        basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
         if fused:
             if self._readers is None:  # the stores do not change until the next layout: read them the same way
-                segments = [self.segments[i] for i in held]
-                self._readers = kernels.in_place(keys, segments, shape), kernels.in_place(values, segments, shape)
-            read_keys, read_values = self._readers
-            if read_keys is not None and read_values is not None:
-                return Body(read_keys, read_values, valid, basis)
+                self._readers = self._read_in_place()
+            keys, values, step = self._readers
+            if keys is not None and values is not None:
+                return Body(keys, values, *self._valid_and_basis(dtype), step)
+        (batch, heads), shape = self.shape, (*self.shape, self.width)
+        held = [store for store in self.stores if store.rows]
+        keys, values = [store.keys for store in held], [store.values for store in held]
         # Which row of the stores, taken in turn, fills each slot; empty slots take the zero row appended last.
         total = sum(store.rows for store in self.stores)
-        source = torch.full((batch * heads * self.width,), total, dtype=torch.long, device=device)
+        source = torch.full((batch * heads * self.width,), total, dtype=torch.long, device=self.held.device)
         first = 0
         for store, where in zip(self.stores, self.slots(), strict=True):
-            source[where] = torch.arange(first, first + store.rows, device=device)
+            source[where] = torch.arange(first, first + store.rows, device=source.device)
             first += store.rows
-        return Body(gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape), valid, basis)
+        rows = gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape)
+        return Body(*rows, *self._valid_and_basis(dtype))
+
+    def _read_in_place(self) -> tuple:
+        """The kernels' readers of the stores' keys and values (each None where no kernel reads them), and their
+        decode step in one call (`kernels.decode_step`, or None)."""
+        held = [i for i, store in enumerate(self.stores) if store.rows]
+        stores, segments = [self.stores[i] for i in held], [self.segments[i] for i in held]
+        shape = (*self.shape, self.width)
+        keys = kernels.in_place([store.keys for store in stores], segments, shape)
+        values = kernels.in_place([store.values for store in stores], segments, shape)
+        if keys is None or values is None:
+            return keys, values, None
+        return keys, values, kernels.decode_step(keys, values, stores, segments)
+
+    def _valid_and_basis(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which slots hold a row ``[B, H, W]``, and the low-rank keys' basis ``[B, H, D, rank]`` in ``dtype`` (or None)."""
+        batch, heads = self.shape
+        valid = torch.arange(self.width, device=self.held.device) < self.held[:, None]
+        basis = next(store.basis for store in self.stores if store.rows)
+        basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
+        return valid.view(batch, heads, self.width), basis
 
     def fold(self, scores: torch.Tensor, n: int, reduce: str = "mean") -> None:
         """Fold ``n`` observations, summing (``reduce="mean"``) or peaking (``"max"``) at ``scores[B, H, W]`` (what

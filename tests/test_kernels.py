@@ -5,7 +5,8 @@ import torch
 from helpers import TINY_PROMPT, lively
 
 from leankv_hf import UnifiedLeanCache, kernels
-from leankv_hf.store import PaddedLayout, PaddedRows, Precision, RaggedStore
+from leankv_hf.attention import _explicit_attention
+from leankv_hf.store import PaddedLayout, PaddedRows, Precision, RaggedStore, fold_scores
 
 pytest.importorskip("numba")
 
@@ -48,6 +49,60 @@ def test_fused_products_match_the_padded_view(mix, rows):
     query, probs = torch.randn(batch, heads, rows, DIM), torch.rand(batch, heads, rows, width)
     torch.testing.assert_close(fused.logits(query), padded.logits(query), rtol=1e-5, atol=1e-4)  # -inf: empty
     torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
+
+
+STEP_MIXES = {  # one store, two stores with two groups per row, a 16-bit store beside a coded one
+    "one store": MIXES["one store"],
+    "two groups per row": MIXES["two groups per row"],
+    "16-bit, k4v2": [(Precision(16), Precision(16)), (Precision(4, DIM), Precision(2, DIM))],
+}
+
+
+@pytest.mark.parametrize("mix", STEP_MIXES)
+@pytest.mark.parametrize("padded", [False, True], ids=["all visible", "padded window"])
+@pytest.mark.parametrize("by_max, peak", [(True, True), (False, False)], ids=["max", "mean"])
+def test_a_decode_step_in_one_call_matches_the_products_it_replaces(mix, padded, by_max, peak):
+    """`DecodeStep`: one query per query head over the stores and an exact window gives the output, and folds the
+    scores every row and window token received, as the readers' products, a softmax and the folds do (`fold`,
+    `fold_scores`), up to float summation order."""
+    stores, reference = (ragged_stores(STEP_MIXES[mix], seed=2, dtype=torch.float16) for _ in range(2))
+    for store, twin in zip(stores, reference, strict=True):
+        store.ages = torch.randint(0, 256, (store.rows,), dtype=torch.uint8)
+        twin.ages, twin.scores = store.ages.clone(), store.scores.clone()
+    body = PaddedLayout(stores).view(torch.float32, fused=True)
+    twin_layout = PaddedLayout(reference)
+    batch, heads, width = body.valid.shape
+    groups, window, scale = 3, 5, DIM**-0.5
+    query, keys, values = torch.randn(batch, heads, groups, DIM), *torch.randn(2, batch, heads, window, DIM)
+    visible = torch.tensor([[True] * window, [False, False, True, True, True]]) if padded else None
+    recent, ages = torch.rand(batch, heads, window), torch.randint(0, 256, (batch, heads, window), dtype=torch.uint8)
+    expected_recent, expected_ages = recent.clone(), ages.clone()
+
+    out = body.step(query, query, keys, values, visible, scale, by_max, peak, recent, ages)
+
+    columns = None if visible is None else visible[:, None, None].expand(-1, heads, groups, -1)
+    probs, expected = _explicit_attention(
+        query, twin_layout.view(torch.float32, fused=True), keys, values, columns, scale
+    )
+    received = probs.amax(2) if by_max else probs.mean(2)
+    twin_layout.fold(received[..., :width], 1, "max" if peak else "mean")
+    expected_recent, expected_ages = fold_scores(
+        expected_recent, expected_ages, received[..., width:], 1, "max" if peak else "mean"
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recent, expected_recent, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ages, expected_ages)
+    for store, twin in zip(stores, reference, strict=True):
+        torch.testing.assert_close(store.scores, twin.scores, rtol=1e-3, atol=0)  # fp16: within one rounding
+        assert torch.equal(store.ages, twin.ages)
+
+
+def test_only_a_decode_step_of_one_or_two_stores_is_one_call():
+    """Three stores (no cache has three tiers) take the readers' products; so do rows the kernels cannot read."""
+    three = [(Precision(8, DIM), Precision(4, DIM))] * 3
+    assert PaddedLayout(ragged_stores(three)).view(torch.float32, fused=True).step is None
+    fp8 = [(Precision(8, DIM, fmt="fp8"), Precision(8, DIM, fmt="fp8"))]
+    assert PaddedLayout(ragged_stores(fp8)).view(torch.float32, fused=True).step is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -47,6 +47,15 @@ def in_place(parts: list, segments: list[torch.Tensor], shape: tuple[int, int, i
     return backend.CodedRows(parts, segments, shape) if backend.fusable(parts) else None
 
 
+def decode_step(keys, values, stores: list, segments: list[torch.Tensor]) -> cpu.DecodeStep | None:
+    """A decode step over ``stores`` in one call (`cpu.DecodeStep`), where their readers ``keys``/``values`` (from
+    `in_place`) are the CPU kernels' and there are at most two stores; else None (attention combines the readers'
+    products itself)."""
+    if not (isinstance(keys, cpu.CodedRows) and isinstance(values, cpu.CodedRows)) or len(stores) > 2:
+        return None
+    return cpu.DecodeStep(keys, values, stores, segments)
+
+
 def fold(scores: torch.Tensor, n: int, held: list[tuple], width: int, reduce: str = "mean") -> None:
     """`store.fold_scores` for the rows of several stores at once, each row reading ``scores[B, H, ...]`` at its
     slot; ``held``: per store ``(store, segment)`` (`PaddedLayout.segments`), ``width`` the longest head's rows.

@@ -8,6 +8,11 @@ read once and no float body exists. Only the logits ``[B, H, Q, W]`` (the softma
 written. Long heads are split into tasks so that a few heads still use every thread, on numba's OpenMP layer
 where it loads (a parallel region starts in microseconds there).
 
+Two forms: the products alone (`CodedRows`: ``scores``, ``weigh``), and a whole decode step of a compressing layer in
+one call (`DecodeStep`: the stored rows of one or two tiers and the exact window, the softmax, the output, and the
+attention each row received folded into its running score). At decode sizes the torch operations between separate
+kernels cost more than the kernels; the one-call step removes them.
+
 Used for stores on CPU whose rows are int codes with per-token groups or 16-bit floats, when numba is installed
 (the ``cpu`` extra); everything else takes the padded view. Both give the same products up to float summation order.
 """
@@ -82,106 +87,246 @@ def _bits(t: torch.Tensor):
 
 
 @functools.cache
-def _kernels(bits: int, groups: int):
-    """The two kernels for packed ``bits``-bit codes in ``groups`` quantization groups per row. Both are compile-time
-    constants: with runtime counts LLVM leaves the inner loops scalar (about 4x slower). Work comes as tasks, a
-    ``(segment, first row, rows, first slot)`` each (`_tasks`), run in parallel; each kernel is one call per store
-    (its small set-up and the sums of tasks done inside), since at decode sizes the calls cost as much as the work.
+def _routines(bits: int, groups: int):
+    """What the kernels do with one store's rows, for packed ``bits``-bit codes in ``groups`` quantization groups per
+    row. Both are compile-time constants: with runtime counts LLVM leaves the inner loops scalar (about 4x slower).
 
     A byte holds ``per = 8 // bits`` codes (`quant.packing`): dim ``per * b + p`` sits in bits ``[p * bits, (p + 1) *
-    bits)`` of byte ``b``. The kernels hold queries and outputs in that order, ``[per, D / per]`` planes, so each
-    packed byte is read once and every plane is walked contiguously. ``bits=16``: rows of 16-bit floats (their bits
-    as uint16, no scale or zero), each converted once into a float32 row (`_row16`)."""
+    bits)`` of byte ``b``. Queries and outputs are held in that order, ``[per, D / per]`` planes, so each packed byte
+    is read once and every plane is walked contiguously. ``bits=16``: rows of 16-bit floats (their bits as uint16, no
+    scale or zero), each converted once into a float32 row (`_row16`). Returns ``(planes, score, weigh, unplane)``."""
     f32 = np.float32
     per = max(8 // bits, 1)
     mask = (1 << bits) - 1
 
-    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
-    def scores(query, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
-        """``out[s, r, slot] = query[s, r] . row`` for ``query[S, R, D]``, a row being ``codes * scale + zero`` per
-        group (16-bit scale and zero read by `_float16`). Query rows go in blocks of four, so each code
-        read feeds four accumulators."""
-        segments, rows, dim = query.shape
-        padded = -(-rows // QUERY_BLOCK) * QUERY_BLOCK
+    @numba.njit(fastmath=True, boundscheck=False)
+    def planes(query, q, sums):  # pragma: no cover (jit)
+        """``q[r, p, b] = query[r, per * b + p]`` for ``query[R, D]``, and ``sums[r, g]`` its sum over each group (what
+        the zeros multiply); rows of ``q`` past ``R`` are left as they are (zero: a block of four reads them)."""
+        rows, dim = query.shape
         width = dim // per // groups  # bytes per group
-        q = np.zeros((segments, padded, per, dim // per), np.float32)  # the queries in planes, zero rows to a block
-        sums = np.zeros((segments, padded, groups), np.float32)  # per query row and group: what the zeros multiply
-        for s in range(segments):
+        for r in range(rows):
+            for d in range(dim):
+                q[r, d % per, d // per] = query[r, d]
+                sums[r, d // per // width] += query[r, d]
+
+    @numba.njit(fastmath=True, boundscheck=False)
+    def score(q, sums, rows, codes, scale, zero, powers, mantissa, first, count, out, slot):  # pragma: no cover (jit)
+        """``out[r, slot + j] = query[r] . row`` for row ``first + j`` (``j < count``) and the ``rows`` real query rows
+        in planes (`planes`), a row being ``codes * scale + zero`` per group (16-bit scale and zero read by
+        `_float16`). Query rows go in blocks of four, so each code read feeds four accumulators."""
+        padded, width = q.shape[0], q.shape[2] // groups
+        dim = q.shape[2] * per
+        wide, x16 = np.empty(dim, np.uint32), np.empty(dim, np.float32)  # a 16-bit row, converted
+        for j in range(count):
+            i = first + j
+            row = codes[i]
+            if bits == 16:
+                _row16(row, mantissa, wide, x16)
+            for r in range(0, padded, 4):
+                t0 = f32(0)
+                t1 = f32(0)
+                t2 = f32(0)
+                t3 = f32(0)
+                for g in range(groups):
+                    a0 = f32(0)
+                    a1 = f32(0)
+                    a2 = f32(0)
+                    a3 = f32(0)
+                    for p in range(per):
+                        for b in range(g * width, g * width + width):
+                            x = x16[b] if bits == 16 else f32((row[b] >> (p * bits)) & mask)
+                            a0 += q[r, p, b] * x
+                            a1 += q[r + 1, p, b] * x
+                            a2 += q[r + 2, p, b] * x
+                            a3 += q[r + 3, p, b] * x
+                    sc = f32(1) if bits == 16 else _float16(scale[i, g], powers, mantissa)
+                    ze = f32(0) if bits == 16 else _float16(zero[i, g], powers, mantissa)
+                    t0 += a0 * sc + ze * sums[r, g]
+                    t1 += a1 * sc + ze * sums[r + 1, g]
+                    t2 += a2 * sc + ze * sums[r + 2, g]
+                    t3 += a3 * sc + ze * sums[r + 3, g]
+                for k, total in enumerate((t0, t1, t2, t3)):
+                    if r + k < rows:
+                        out[r + k, slot + j] = total
+
+    @numba.njit(fastmath=True, boundscheck=False)
+    def weigh(probs, rows, codes, scale, zero, powers, mantissa, first, count, slot, acc, zeros):  # pragma: no cover
+        """``acc[r]`` (planes) ``+= sum_j probs[r, slot + j] * codes * scale`` over rows ``first + j``, and ``zeros[r,
+        g] += probs * zero`` per group: `unplane` adds them up."""
+        width = acc.shape[2] // groups
+        dim = acc.shape[2] * per
+        wide, x16 = np.empty(dim, np.uint32), np.empty(dim, np.float32)
+        for j in range(count):
+            i = first + j
+            row = codes[i]
+            if bits == 16:
+                _row16(row, mantissa, wide, x16)
             for r in range(rows):
-                for d in range(dim):
-                    q[s, r, d % per, d // per] = query[s, r, d]
-                    sums[s, r, d // per // width] += query[s, r, d]
-        for t in numba.prange(tasks.shape[0]):
-            s, first, count, slot = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
-            qs = q[s]
-            wide, x16 = np.empty(dim, np.uint32), np.empty(dim, np.float32)  # a 16-bit row, converted
-            for j in range(count):
-                i = first + j
-                row = codes[i]
-                if bits == 16:
-                    _row16(row, mantissa, wide, x16)
-                for r in range(0, padded, 4):
-                    t0 = f32(0)
-                    t1 = f32(0)
-                    t2 = f32(0)
-                    t3 = f32(0)
-                    for g in range(groups):
-                        a0 = f32(0)
-                        a1 = f32(0)
-                        a2 = f32(0)
-                        a3 = f32(0)
-                        for p in range(per):
-                            for b in range(g * width, g * width + width):
-                                x = x16[b] if bits == 16 else f32((row[b] >> (p * bits)) & mask)
-                                a0 += qs[r, p, b] * x
-                                a1 += qs[r + 1, p, b] * x
-                                a2 += qs[r + 2, p, b] * x
-                                a3 += qs[r + 3, p, b] * x
-                        sc = f32(1) if bits == 16 else _float16(scale[i, g], powers, mantissa)
-                        ze = f32(0) if bits == 16 else _float16(zero[i, g], powers, mantissa)
-                        t0 += a0 * sc + ze * sums[s, r, g]
-                        t1 += a1 * sc + ze * sums[s, r + 1, g]
-                        t2 += a2 * sc + ze * sums[s, r + 2, g]
-                        t3 += a3 * sc + ze * sums[s, r + 3, g]
-                    for k, total in enumerate((t0, t1, t2, t3)):
-                        if r + k < rows:
-                            out[s, r + k, slot + j] = total
+                w = probs[r, slot + j]
+                for g in range(groups):
+                    ws = w if bits == 16 else w * _float16(scale[i, g], powers, mantissa)
+                    if bits != 16:
+                        zeros[r, g] += w * _float16(zero[i, g], powers, mantissa)
+                    for p in range(per):
+                        for b in range(g * width, g * width + width):
+                            acc[r, p, b] += ws * (x16[b] if bits == 16 else f32((row[b] >> (p * bits)) & mask))
+
+    @numba.njit(fastmath=True, boundscheck=False)
+    def unplane(acc, zeros, out):  # pragma: no cover (jit)
+        """``out[r, d] +=`` what `weigh` summed for dim ``d`` of query row ``r``."""
+        rows, dim = out.shape
+        width = acc.shape[2] // groups
+        for r in range(rows):
+            for d in range(dim):
+                out[r, d] += acc[r, d % per, d // per] + zeros[r, d // per // width]
+
+    return planes, score, weigh, unplane
+
+
+@functools.cache
+def _kernels(bits: int, groups: int):
+    """The two product kernels over one store's rows (`_routines`). Work comes as tasks, a ``(segment, first row,
+    rows, first slot)`` each (`_tasks`), run in parallel; each kernel is one call per store (its small set-up and the
+    sums of tasks done inside), since at decode sizes the calls cost as much as the work."""
+    planes, score, weigh, unplane = _routines(bits, groups)
+    per = max(8 // bits, 1)
 
     @numba.njit(fastmath=True, boundscheck=False, parallel=True)
-    def weigh(probs, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
-        """``out[s, r] += sum_j probs[s, r, slot + j] * row`` for ``out[S, R, D]``. Each task sums its rows' codes
-        times scale into its own planes, and the zeros times the probabilities per group; then, in task order (so
-        the sum does not depend on the thread count), they are added to their segment's output."""
+    def scores(query, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
+        """``out[s, r, slot] = query[s, r] . row`` for ``query[S, R, D]``."""
+        segments, rows, dim = query.shape
+        q = np.zeros((segments, -(-rows // QUERY_BLOCK) * QUERY_BLOCK, per, dim // per), np.float32)
+        sums = np.zeros((segments, q.shape[1], groups), np.float32)
+        for s in range(segments):
+            planes(query[s], q[s], sums[s])
+        for t in numba.prange(tasks.shape[0]):
+            s = tasks[t, 0]
+            score(
+                q[s], sums[s], rows, codes, scale, zero, powers, mantissa, tasks[t, 1], tasks[t, 2], out[s], tasks[t, 3]
+            )
+
+    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
+    def weighed(probs, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
+        """``out[s, r] += sum_j probs[s, r, slot + j] * row`` for ``out[S, R, D]``. Each task sums into its own planes;
+        then, in task order (so the sum does not depend on the thread count), they are added to their segment's."""
         rows, dim = out.shape[1], out.shape[2]
-        width = dim // per // groups
         n_tasks = tasks.shape[0]
         partial = np.zeros((n_tasks, rows, per, dim // per), np.float32)
         zeros = np.zeros((n_tasks, rows, groups), np.float32)
         for t in numba.prange(n_tasks):
-            s, first, count, slot = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
-            acc = partial[t]
-            wide, x16 = np.empty(dim, np.uint32), np.empty(dim, np.float32)
-            for j in range(count):
-                i = first + j
-                row = codes[i]
-                if bits == 16:
-                    _row16(row, mantissa, wide, x16)
-                for r in range(rows):
-                    w = probs[s, r, slot + j]
-                    for g in range(groups):
-                        ws = w if bits == 16 else w * _float16(scale[i, g], powers, mantissa)
-                        if bits != 16:
-                            zeros[t, r, g] += w * _float16(zero[i, g], powers, mantissa)
-                        for p in range(per):
-                            for b in range(g * width, g * width + width):
-                                acc[r, p, b] += ws * (x16[b] if bits == 16 else f32((row[b] >> (p * bits)) & mask))
-        for t in range(n_tasks):
             s = tasks[t, 0]
-            for r in range(rows):
-                for d in range(dim):
-                    out[s, r, d] += partial[t, r, d % per, d // per] + zeros[t, r, d // per // width]
+            weigh(probs[s], rows, codes, scale, zero, powers, mantissa, tasks[t, 1], tasks[t, 2], tasks[t, 3],
+                  partial[t], zeros[t])  # fmt: skip
+        for t in range(n_tasks):
+            unplane(partial[t], zeros[t], out[tasks[t, 0]])
 
-    return scores, weigh
+    return scores, weighed
+
+
+@functools.cache
+def _step_kernel(first: tuple, second: tuple):
+    """The decode step kernel (`DecodeStep`) for one or two stores, each ``(key bits, key groups, value bits, value
+    groups)`` (`_routines`); ``second`` is ``first`` again where there is one store (its counts are all zero)."""
+    planes_a, score_a, _, _ = _routines(*first[:2])
+    planes_b, score_b, _, _ = _routines(*second[:2])
+    _, _, weigh_a, unplane_a = _routines(*first[2:])
+    _, _, weigh_b, unplane_b = _routines(*second[2:])
+    per_ka, per_kb, per_va, per_vb = (max(8 // bits, 1) for bits in (first[0], second[0], first[2], second[2]))
+    groups_ka, groups_kb, groups_va, groups_vb = first[1], second[1], first[3], second[3]
+
+    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
+    def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, counts, width,
+             rows_a, rows_b, half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
+        """One query per (segment, query head) attends the stores' rows and the exact window; the attention each row
+        and window token receives (max or mean over a segment's query heads: ``by_max``) folds into its score.
+
+        ``query[S, G, D]``, ``reduced[S, G, Dk]`` (what scores the stored keys: the query, or its low-rank
+        coefficients), ``window_keys``/``window_values`` ``[S, R, D]`` float32, ``visible[S, R]`` (shape ``(0, 0)``: all
+        visible). ``stored_*``: a store's key and value codes, scales, zeros and how to read them. ``tasks[T, 5]``:
+        ``(store, segment, first row, rows, first slot)``; ``counts[S, 2]``: rows per segment and store, store a's
+        slots first. ``rows_*``: a store's running scores (fp16 bits), ages (updated here), new scores (float32, written
+        here) and each segment's first row. ``recent``/``recent_ages`` ``[S, R]``: the window's, updated here.
+        ``peak``: scores keep their maximum, else a running mean (`store.fold_scores`)."""
+        segments, heads, dim = query.shape
+        span = window_keys.shape[1]
+        padded = -(-heads // QUERY_BLOCK) * QUERY_BLOCK
+        kdim = reduced.shape[2]
+        probs = np.zeros((segments, padded, width + span), np.float32)
+        qa = np.zeros((segments, padded, per_ka, kdim // per_ka), np.float32)
+        sums_a = np.zeros((segments, padded, groups_ka), np.float32)
+        qb = np.zeros((segments, padded, per_kb, kdim // per_kb), np.float32)
+        sums_b = np.zeros((segments, padded, groups_kb), np.float32)
+        for s in range(segments):
+            planes_a(reduced[s], qa[s], sums_a[s])
+            planes_b(reduced[s], qb[s], sums_b[s])
+        for t in numba.prange(tasks.shape[0]):
+            s, first_row, count, slot = tasks[t, 1], tasks[t, 2], tasks[t, 3], tasks[t, 4]
+            if tasks[t, 0] == 0:
+                score_a(qa[s], sums_a[s], heads, *stored_a[:5], first_row, count, probs[s], slot)
+            else:
+                score_b(qb[s], sums_b[s], heads, *stored_b[:5], first_row, count, probs[s], slot)
+        for s in numba.prange(segments):
+            held = counts[s, 0] + counts[s, 1]
+            for h in range(heads):
+                row = probs[s, h]
+                top = np.float32(-np.inf)
+                for j in range(held):
+                    row[j] *= scale
+                    top = max(top, row[j])
+                for r in range(span):
+                    x = np.float32(-np.inf)
+                    if visible.shape[0] == 0 or visible[s, r]:
+                        x = np.float32(0)
+                        for d in range(dim):
+                            x += query[s, h, d] * window_keys[s, r, d]
+                        x *= scale
+                    row[width + r] = x
+                    top = max(top, x)
+                total = np.float32(0)
+                for j in range(held):
+                    row[j] = np.exp(row[j] - top)
+                    total += row[j]
+                for r in range(span):
+                    row[width + r] = np.exp(row[width + r] - top)
+                    total += row[width + r]
+                for j in range(held):
+                    row[j] /= total
+                for d in range(dim):
+                    out[s, h, d] = 0
+                for r in range(span):
+                    w = row[width + r] / total
+                    row[width + r] = w
+                    for d in range(dim):
+                        out[s, h, d] += w * window_values[s, r, d]
+            for j in range(held):
+                if j < counts[s, 0]:
+                    _fold_one(probs[s, :heads, j], by_max, peak, rows_a, rows_a[3][s] + j, half)
+                else:
+                    _fold_one(probs[s, :heads, j], by_max, peak, rows_b, rows_b[3][s] + j - counts[s, 0], half)
+            for r in range(span):
+                seen = _combine(probs[s, :heads, width + r], by_max)
+                weight = np.float32(recent_ages[s, r])
+                recent[s, r] = max(recent[s, r], seen) if peak else (recent[s, r] * weight + seen) / (weight + 1)
+                recent_ages[s, r] = min(weight + 1, 255.0)
+        n_tasks = tasks.shape[0]
+        acc_a = np.zeros((n_tasks, heads, per_va, dim // per_va), np.float32)
+        zeros_a = np.zeros((n_tasks, heads, groups_va), np.float32)
+        acc_b = np.zeros((n_tasks, heads, per_vb, dim // per_vb), np.float32)
+        zeros_b = np.zeros((n_tasks, heads, groups_vb), np.float32)
+        for t in numba.prange(n_tasks):
+            s, first_row, count, slot = tasks[t, 1], tasks[t, 2], tasks[t, 3], tasks[t, 4]
+            if tasks[t, 0] == 0:
+                weigh_a(probs[s], heads, *stored_a[5:], first_row, count, slot, acc_a[t], zeros_a[t])
+            else:
+                weigh_b(probs[s], heads, *stored_b[5:], first_row, count, slot, acc_b[t], zeros_b[t])
+        for t in range(n_tasks):  # in task order: the sum does not depend on the thread count
+            if tasks[t, 0] == 0:
+                unplane_a(acc_a[t], zeros_a[t], out[tasks[t, 1]])
+            else:
+                unplane_b(acc_b[t], zeros_b[t], out[tasks[t, 1]])
+
+    return step
 
 
 if numba is not None:
@@ -213,6 +358,26 @@ if numba is not None:
             small = np.float32(magnitude) * np.float32(2.0**-24)
             small = -small if row[d] & 0x8000 else small
             out[d] = small if magnitude < 0x400 else normal[d]
+
+    @numba.njit(inline="always")
+    def _combine(received, by_max):  # pragma: no cover (jit)
+        """What a KV head's query heads gave one token: their maximum, or their mean."""
+        if by_max:
+            return received.max()
+        total = np.float32(0)
+        for x in received:
+            total += x
+        return total / np.float32(received.shape[0])
+
+    @numba.njit(inline="always")
+    def _fold_one(received, by_max, peak, rows, i, half):  # pragma: no cover (jit)
+        """Row ``i`` of a store (``rows``: its fp16 score bits, ages, new scores) received ``received`` from one query
+        per query head: `_fold`'s arithmetic for one observation."""
+        seen = _combine(received, by_max)
+        weight = np.float32(rows[1][i])
+        old = _float16(rows[0][i], half[0], half[1])
+        rows[2][i] = max(old, seen) if peak else (old * weight + seen) / (weight + 1)
+        rows[1][i] = min(weight + 1, 255.0)
 
     @numba.njit(parallel=True)
     def _noop(x):  # pragma: no cover (jit)
@@ -370,3 +535,71 @@ class CodedRows:
         for p in self.parts:
             run = _kernels(p.bits, p.groups)[kernel]
             _run(run, flat, p.codes, p.scale, p.zero, p.powers, p.mantissa, p.tasks, out.numpy())
+
+
+class DecodeStep:
+    """One decode query per query head over the rows of one or two stores, read in place, and the exact window, in
+    one kernel call per layer: the output, with the attention each stored row and window token received folded into
+    its running score. At decode sizes the torch operations between separate kernels (the scores, the softmax,
+    weighing, folding) cost more than the kernels do. ``keys``/``values``: the stores' readers (`CodedRows`),
+    ``stores``: the `store.RaggedStore`s they read (whose scores are folded), ``segments`` per store as in `CodedRows`."""
+
+    def __init__(self, keys: CodedRows, values: CodedRows, stores: list, segments: list[torch.Tensor]):
+        parts = list(zip(keys.parts, values.parts, strict=True))
+        self.kernel = _step_kernel(*((k.bits, k.groups, v.bits, v.groups) for k, v in (parts[0], parts[-1])))
+        self.stored = [
+            (k.codes, k.scale, k.zero, k.powers, k.mantissa, v.codes, v.scale, v.zero, v.powers, v.mantissa)
+            for k, v in parts
+        ]
+        self.tasks = np.concatenate([np.insert(k.tasks, 0, i, axis=1) for i, (k, _) in enumerate(parts)])
+        self.counts = np.zeros((segments[0].shape[1], 2), np.int64)
+        for i, segment in enumerate(segments):
+            self.counts[:, i] = segment[1].numpy()
+        self.starts = [segment[0].numpy() for segment in segments]
+        self.stores, self.width = stores, keys.shape[2]
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        reduced: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visible: torch.Tensor | None,
+        scale: float,
+        by_max: bool,
+        peak: bool,
+        recent: torch.Tensor,
+        recent_ages: torch.Tensor,
+    ) -> torch.Tensor:
+        """``query[B, H, G, D]`` (one query per query head of each KV head), ``reduced`` the same scoring the stored
+        keys (on their low-rank basis, or the query itself), ``keys``/``values`` ``[B, H, R, D]`` the window,
+        ``visible[B, R]`` its columns the queries see (None: all). ``recent``/``recent_ages`` ``[B, H, R]`` (float32,
+        uint8): the window's running scores, updated in place; the stores' scores and ages are updated too. ``by_max``:
+        a KV head takes the most attention its query heads gave, else their mean; ``peak``: scores keep their maximum,
+        else a running mean. Returns the output ``[B, H, G, D]``."""
+        _use_torch_threads()
+        batch, heads, groups, dim = query.shape
+        flat = batch * heads
+
+        def rows(t: torch.Tensor) -> np.ndarray:
+            return t.float().reshape(flat, *t.shape[2:]).contiguous().numpy()
+
+        if visible is None:
+            seen = np.zeros((0, 0), np.bool_)
+        else:
+            seen = visible[:, None].expand(-1, heads, -1).reshape(flat, -1).contiguous().numpy()
+        fresh = [torch.empty(store.rows) for store in self.stores]
+        scores = [
+            (_bits(store.scores), store.ages.numpy(), new.numpy(), starts)
+            for store, new, starts in zip(self.stores, fresh, self.starts, strict=True)
+        ]
+        out = torch.empty(flat, groups, dim)
+        _run(
+            self.kernel, rows(query), rows(reduced), rows(keys), rows(values), seen, np.float32(scale),
+            self.stored[0], self.stored[-1], self.tasks, self.counts, self.width, scores[0], scores[-1],
+            _powers(torch.float16), peak, by_max, recent.view(flat, -1).numpy(), recent_ages.view(flat, -1).numpy(),
+            out.numpy(),
+        )  # fmt: skip
+        for store, new in zip(self.stores, fresh, strict=True):
+            store.scores = new.half()
+        return out.view(batch, heads, groups, dim).to(query.dtype)
