@@ -93,8 +93,8 @@ class ContextReconstruction(Scorer):
     re-reads and the cache then compacts; ``lookback``: the prompt tokens before those that it sees besides the
     sinks and the stored body (None: all of them). Re-reading a token finds its first reading nearby, so a bounded
     lookback keeps the pass linear in the prompt's length (its attention is ``chunk x (lookback + 2 chunk)`` per
-    query head) where seeing everything makes it quadratic; on a context dense with facts (several needles in 2K
-    tokens) the whole view (``chunk=512, lookback=None``) kept more of them (eval/RESULTS.md, reuse). ``instruction``:
+    query head) where seeing everything makes it quadratic; with three needles per 2K tokens asked in turn, the
+    whole view (``lookback=None``) found as many as the bounded one (eval/RESULTS.md, reuse). ``instruction``:
     token ids placed before the re-read tokens (e.g. the tokenization of "Repeat the previous context exactly.");
     empty: plain repetition. Decode queries fold in by max."""
 

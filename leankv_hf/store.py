@@ -468,9 +468,8 @@ class PaddedLayout:
         table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
         self.starts, self.offsets = table[:, 0], table[:, 2]
         self.segments = list(table)
-        self._readers = (
-            None  # the kernels' readers of the stores in place and their decode step (`view`), made on first use
-        )
+        # The kernels' readers of the stores in place and their decode step (`view`), made on first use.
+        self._readers = None
 
     def slots(self) -> list[torch.Tensor]:
         """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at

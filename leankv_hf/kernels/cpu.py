@@ -307,7 +307,7 @@ def _step_kernel(first: tuple, second: tuple):
             for r in range(span):
                 seen = _combine(probs[s, :heads, width + r], by_max)
                 weight = np.float32(recent_ages[s, r])
-                recent[s, r] = max(recent[s, r], seen) if peak else (recent[s, r] * weight + seen) / (weight + 1)
+                recent[s, r] = _running(recent[s, r], seen, weight, np.float32(1), peak)
                 recent_ages[s, r] = min(weight + 1, 255.0)
         n_tasks = tasks.shape[0]
         acc_a = np.zeros((n_tasks, heads, per_va, dim // per_va), np.float32)
@@ -370,13 +370,18 @@ if numba is not None:
         return total / np.float32(received.shape[0])
 
     @numba.njit(inline="always")
+    def _running(old, seen, weight, n, peak):  # pragma: no cover (jit)
+        """A score after ``n`` more observations whose sum (with ``peak``: maximum) is ``seen``, ``weight`` earlier
+        ones counted: `store.fold_scores`'s arithmetic, in its order."""
+        return max(old, seen) if peak else (old * weight + seen) / (weight + n)
+
+    @numba.njit(inline="always")
     def _fold_one(received, by_max, peak, rows, i, half):  # pragma: no cover (jit)
         """Row ``i`` of a store (``rows``: its fp16 score bits, ages, new scores) received ``received`` from one query
-        per query head: `_fold`'s arithmetic for one observation."""
-        seen = _combine(received, by_max)
+        per query head: one observation, as `_fold` folds them."""
         weight = np.float32(rows[1][i])
         old = _float16(rows[0][i], half[0], half[1])
-        rows[2][i] = max(old, seen) if peak else (old * weight + seen) / (weight + 1)
+        rows[2][i] = _running(old, _combine(received, by_max), weight, np.float32(1), peak)
         rows[1][i] = min(weight + 1, 255.0)
 
     @numba.njit(parallel=True)
@@ -394,14 +399,9 @@ if numba is not None:
             for j in range(counts[s]):
                 i = starts[s] + j
                 weight = np.float32(ages[i])
-                total = weight + np.float32(n)
-                seen = scores[s, offsets[s] + j]
                 old = _float16(score[i], powers, mantissa)
-                if peak:
-                    out[i] = max(old, seen)
-                else:
-                    out[i] = (old * weight + seen) / total
-                ages[i] = min(total, 255.0)
+                out[i] = _running(old, scores[s, offsets[s] + j], weight, np.float32(n), peak)
+                ages[i] = min(weight + np.float32(n), 255.0)
 
 
 def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean") -> list[torch.Tensor]:
