@@ -22,7 +22,7 @@ import torch
 
 from leankv_hf.caches import hetero
 from leankv_hf.eval.bench import _decode, _prefill, bench_prompt
-from leankv_hf.eval.methods import make_cache
+from leankv_hf.eval.methods import make_cache, split_methods
 from leankv_hf.models import load_model
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
     ids = torch.tensor([bench_prompt(tokenizer, args.length, 0, model.config.vocab_size)])
-    methods = args.methods.split(",")
+    methods = split_methods(args.methods)
     entries = [(m, False) for m in ([] if "full" in methods else ["full"]) + methods]  # full: the reference
     if args.hetero_dequantized:
         entries += [(m, True) for m, _ in entries if m.startswith("hetero:")]

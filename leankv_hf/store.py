@@ -300,11 +300,15 @@ class RaggedStore:
         scores: torch.Tensor,
         ages: torch.Tensor,
         projected: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> None:
         """Insert rows (each with its segment id), keeping rows sorted by segment and, inside one, by arrival.
-        ``projected``: low-rank keys come as coefficients on this store's basis (from `take` of a store sharing
-        it), not as keys."""
+        ``projected``: low-rank keys come as coefficients on this store's basis (from `read` of a store sharing
+        it), not as keys. ``keep``: which stored rows stay (None: all); the others leave memory in the same pass
+        (a compaction rewrites each field once)."""
         if segments.numel() == 0:
+            if keep is not None:
+                self.keep(keep)
             return
         if not projected:
             k = self.project(k, segments)
@@ -318,19 +322,22 @@ class RaggedStore:
         # Merge without sorting the stored rows: a stored row moves down by the new rows of earlier heads, the
         # j-th new row (in head order) lands after every stored row of its head and earlier heads.
         incoming = torch.bincount(segments, minlength=self.counts.numel())
-        rows, fresh = self.rows, segments.numel()
+        stored, counts, old = self.rows, self.counts.flatten(), self.segments()
+        staying = torch.arange(stored, device=segments.device)
+        if keep is not None:
+            staying = keep.nonzero().squeeze(1)
+            old = old[staying]
+            counts = torch.bincount(old, minlength=counts.numel())
+        rows, fresh = staying.shape[0], segments.numel()
         order = torch.empty(rows + fresh, dtype=torch.long, device=segments.device)
         if rows:
-            old = self.segments()
-            order[torch.arange(rows, device=old.device) + (incoming.cumsum(0) - incoming)[old]] = torch.arange(
-                rows, device=old.device
-            )
+            order[torch.arange(rows, device=old.device) + (incoming.cumsum(0) - incoming)[old]] = staying
         by_head = torch.sort(segments, stable=True).indices
-        arrived = torch.arange(fresh, device=segments.device) + self.counts.flatten().cumsum(0)[segments[by_head]]
-        order[arrived] = rows + by_head
+        arrived = torch.arange(fresh, device=segments.device) + counts.cumsum(0)[segments[by_head]]
+        order[arrived] = stored + by_head
         for name, value in new.items():
-            setattr(self, name, select(cat([getattr(self, name), value], 0) if rows else value, 0, order))
-        self.counts = self.counts + incoming.view_as(self.counts)  # not in place: it may be an inference tensor
+            setattr(self, name, select(cat([getattr(self, name), value], 0) if stored else value, 0, order))
+        self.counts = (counts + incoming).view_as(self.counts)  # not in place: it may be an inference tensor
 
     def project(self, k: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """Keys ``k[N, D]`` as this store holds them: coefficients on their segment's basis when low rank."""
@@ -350,11 +357,12 @@ class RaggedStore:
             setattr(self, name, select(getattr(self, name), 0, index))
         self.counts = torch.bincount(segments, minlength=self.counts.numel()).view_as(self.counts)
 
-    def take(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Remove the rows where ``mask`` is True and return them decoded (for demotion to another tier); low-rank
-        keys stay coefficients on the basis (``add(..., projected=True)`` them to a store sharing it)."""
+    def read(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The rows where ``mask`` is True, decoded (for demotion to another tier: `add` them there, and drop them
+        here with ``add(..., keep=)`` or `keep`); low-rank keys stay coefficients on the basis (``add(...,
+        projected=True)`` them to a store sharing it)."""
         index = mask.nonzero().squeeze(1)
-        out = {
+        return {
             "k": decode(select(self.keys, 0, index), dtype),
             "v": decode(select(self.values, 0, index), dtype),
             "segments": self.segments()[index],
@@ -362,8 +370,6 @@ class RaggedStore:
             "scores": self.scores[index],
             "ages": self.ages[index],
         }
-        self.keep(~mask)
-        return out
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or repeat whole batch rows (beam search): each new row copies the segments of ``index[b]``."""
@@ -514,7 +520,7 @@ class PaddedLayout:
         values = kernels.in_place([store.values for store in stores], segments, shape)
         if keys is None or values is None:
             return keys, values, None
-        return keys, values, kernels.decode_step(keys, values, stores, segments)
+        return keys, values, kernels.decode_step(keys, values, stores)
 
     def _valid_and_basis(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Which slots hold a row ``[B, H, W]``, and the low-rank keys' basis ``[B, H, D, rank]`` in ``dtype`` (or None)."""

@@ -61,10 +61,13 @@ STEP_MIXES = {  # one store, two stores with two groups per row, a 16-bit store 
 @pytest.mark.parametrize("mix", STEP_MIXES)
 @pytest.mark.parametrize("padded", [False, True], ids=["all visible", "padded window"])
 @pytest.mark.parametrize("by_max, peak", [(True, True), (False, False)], ids=["max", "mean"])
-def test_a_decode_step_in_one_call_matches_the_products_it_replaces(mix, padded, by_max, peak):
+@pytest.mark.parametrize("chunk", [kernels.cpu.CHUNK, 3], ids=["a task per head", "heads split in tasks"])
+def test_a_decode_step_in_one_call_matches_the_products_it_replaces(mix, padded, by_max, peak, chunk, monkeypatch):
     """`DecodeStep`: one query per query head over the stores and an exact window gives the output, and folds the
     scores every row and window token received, as the readers' products, a softmax and the folds do (`fold`,
-    `fold_scores`), up to float summation order."""
+    `fold_scores`), up to float summation order; also where a head's rows are split across tasks, each with its own
+    maximum (flash-decoding)."""
+    monkeypatch.setattr(kernels.cpu, "CHUNK", chunk)
     stores, reference = (ragged_stores(STEP_MIXES[mix], seed=2, dtype=torch.float16) for _ in range(2))
     for store, twin in zip(stores, reference, strict=True):
         store.ages = torch.randint(0, 256, (store.rows,), dtype=torch.uint8)
@@ -121,21 +124,26 @@ def test_sixteen_bit_rows_are_read_in_place(dtype):
         torch.testing.assert_close(fused.values.weigh(probs), padded.values.weigh(probs), rtol=1e-5, atol=1e-4)
 
 
-def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one():
-    """Segments (batch, head) run in parallel on ``torch.get_num_threads()`` threads; each is summed by one thread
-    in the same order, so the products are bit-identical to a single thread's."""
+def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one(monkeypatch):
+    """Tasks (chunks of a head's rows) run in parallel on ``torch.get_num_threads()`` threads; their sums are added
+    in task order, so the products and a decode step's output and scores are bit-identical to a single thread's."""
     import numba
 
-    layout = PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"], batch=3, heads=4))
-    fused = layout.view(torch.float32, fused=True)
-    batch, heads, width = fused.valid.shape
+    monkeypatch.setattr(kernels.cpu, "CHUNK", 3)  # several tasks per head
+    layouts = {threads: PaddedLayout(ragged_stores(MIXES["k8v4, k4v2"], batch=3, heads=4)) for threads in (1, 2)}
+    fused = {threads: layout.view(torch.float32, fused=True) for threads, layout in layouts.items()}
+    batch, heads, width = fused[1].valid.shape
     query, probs = torch.randn(batch, heads, 3, DIM), torch.rand(batch, heads, 3, width)
+    window = torch.randn(2, batch, heads, 5, DIM)
     before = torch.get_num_threads()
     try:
         products = {}
-        for threads in (1, 2):
+        for threads, body in fused.items():
             torch.set_num_threads(threads)
-            products[threads] = fused.logits(query), fused.values.weigh(probs)
+            recent = torch.zeros(batch, heads, 5)
+            out = body.step(query, query, *window, None, 0.125, True, False, recent, torch.zeros_like(recent).byte())
+            scores = [store.scores for store in layouts[threads].stores]
+            products[threads] = body.logits(query), body.values.weigh(probs), out, recent, *scores
             assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
             assert torch.get_num_threads() == threads  # the kernels leave torch's own setting alone
     finally:

@@ -299,7 +299,9 @@ class LeanLayer(CompressedLayer):
             return
         start = self.seen - window
         exit_pos = torch.arange(start, start + n_exit, device=self.device).expand(batch, heads, n_exit)
-        sources = [(t.scores.float(), t.positions.long(), t.segments(), t.ranks(t.segments()), t) for t in self.tiers]
+        sources = [
+            (t.scores.float(), t.positions.long(), segments := t.segments(), t.ranks(segments), t) for t in self.tiers
+        ]
         counts = [t.counts for t in self.tiers]
         width = int(sum(counts).max()) + n_exit
 
@@ -342,16 +344,16 @@ class LeanLayer(CompressedLayer):
 
         # Stored rows: stay, move down a tier (re-encoded), or leave memory. Rows never move up: lost precision
         # does not come back.
-        moved = [[] for _ in self.tiers]
+        moved, stays = [[] for _ in self.tiers], []
         for t, (segments, slot) in enumerate(slot_of):
             goal = target[segments, slot].long()
             down = goal > t
             if bool(down.any()):
-                taken = self.tiers[t].take(down, self.storage_dtype)
+                taken = self.tiers[t].read(down, self.storage_dtype)
                 for g in goal[down].unique().tolist():
                     pick = goal[down] == g
                     moved[g].append({key: value[pick] for key, value in taken.items()})
-            self.tiers[t].keep(goal[~down] != PRUNED)
+            stays.append((goal != PRUNED) & ~down)  # dropped from tier t when its rows are merged (`add`)
         exit_goal = target[rows, exit_slot].view(batch, heads, n_exit)
         for t, tier in enumerate(self.tiers):
             b, h, i = (exit_goal == t).nonzero(as_tuple=True)
@@ -365,7 +367,8 @@ class LeanLayer(CompressedLayer):
             }
             # One add per tier (rows moving down and rows leaving the window together): one encode, one merge.
             parts = [*moved[t], exits]  # moved rows' keys are already coefficients: the tiers share one basis
-            tier.add(**{name: torch.cat([part[name] for part in parts]) for name in exits}, projected=True)
+            merged = {name: torch.cat([part[name] for part in parts]) for name in exits}
+            tier.add(**merged, projected=True, keep=stays[t])
             if s.policy.page_size:
                 self._add_to_pages(self.keys[b, h, i], b * heads + h, exit_pos[b, h, i] - self.padding[b])
         self._layout = PaddedLayout(self.tiers)  # made once per compaction, used by every step until the next

@@ -47,13 +47,13 @@ def in_place(parts: list, segments: list[torch.Tensor], shape: tuple[int, int, i
     return backend.CodedRows(parts, segments, shape) if backend.fusable(parts) else None
 
 
-def decode_step(keys, values, stores: list, segments: list[torch.Tensor]) -> cpu.DecodeStep | None:
+def decode_step(keys, values, stores: list) -> cpu.DecodeStep | None:
     """A decode step over ``stores`` in one call (`cpu.DecodeStep`), where their readers ``keys``/``values`` (from
     `in_place`) are the CPU kernels' and there are at most two stores; else None (attention combines the readers'
     products itself)."""
     if not (isinstance(keys, cpu.CodedRows) and isinstance(values, cpu.CodedRows)) or len(stores) > 2:
         return None
-    return cpu.DecodeStep(keys, values, stores, segments)
+    return cpu.DecodeStep(keys, values, stores)
 
 
 def fold(scores: torch.Tensor, n: int, held: list[tuple], width: int, reduce: str = "mean") -> None:

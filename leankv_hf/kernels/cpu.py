@@ -227,7 +227,13 @@ def _kernels(bits: int, groups: int):
 @functools.cache
 def _step_kernel(first: tuple, second: tuple):
     """The decode step kernel (`DecodeStep`) for one or two stores, each ``(key bits, key groups, value bits, value
-    groups)`` (`_routines`); ``second`` is ``first`` again where there is one store (its counts are all zero)."""
+    groups)`` (`_routines`); ``second`` is ``first`` again where there is one store (it then has no tasks).
+
+    Split as flash-decoding splits a long context: each task (a chunk of one head's rows, or a head's window) scores
+    its rows, exponentiates them against its own maximum and weighs the values, all in one parallel pass; a short
+    serial pass rescales the tasks' partial sums to their head's common maximum (in task order: the output does not
+    depend on the thread count); a second parallel pass folds each row's share of the attention into its score. Two
+    parallel regions per call, whatever the stores: waking the threads costs more than a short region's work."""
     planes_a, score_a, _, _ = _routines(*first[:2])
     planes_b, score_b, _, _ = _routines(*second[:2])
     _, _, weigh_a, unplane_a = _routines(*first[2:])
@@ -236,23 +242,27 @@ def _step_kernel(first: tuple, second: tuple):
     groups_ka, groups_kb, groups_va, groups_vb = first[1], second[1], first[3], second[3]
 
     @numba.njit(fastmath=True, boundscheck=False, parallel=True)
-    def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, counts, width,
-             rows_a, rows_b, half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
+    def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, rows_a, rows_b,
+             half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
         """One query per (segment, query head) attends the stores' rows and the exact window; the attention each row
         and window token receives (max or mean over a segment's query heads: ``by_max``) folds into its score.
 
         ``query[S, G, D]``, ``reduced[S, G, Dk]`` (what scores the stored keys: the query, or its low-rank
         coefficients), ``window_keys``/``window_values`` ``[S, R, D]`` float32, ``visible[S, R]`` (shape ``(0, 0)``: all
-        visible). ``stored_*``: a store's key and value codes, scales, zeros and how to read them. ``tasks[T, 5]``:
-        ``(store, segment, first row, rows, first slot)``; ``counts[S, 2]``: rows per segment and store, store a's
-        slots first. ``rows_*``: a store's running scores (fp16 bits), ages (updated here), new scores (float32, written
-        here) and each segment's first row. ``recent``/``recent_ages`` ``[S, R]``: the window's, updated here.
-        ``peak``: scores keep their maximum, else a running mean (`store.fold_scores`)."""
+        visible). ``stored_*``: a store's key and value codes, scales, zeros and how to read them. ``tasks[T, 4]``:
+        ``(store, segment, first row, rows)``; each segment's window is one more task after them. ``rows_*``: a
+        store's running scores (fp16 bits), ages (updated here) and new scores (float32, written here).
+        ``recent``/``recent_ages`` ``[S, R]``: the window's, updated here. ``peak``: scores keep their maximum, else a
+        running mean (`store.fold_scores`)."""
         segments, heads, dim = query.shape
         span = window_keys.shape[1]
         padded = -(-heads // QUERY_BLOCK) * QUERY_BLOCK
         kdim = reduced.shape[2]
-        probs = np.zeros((segments, padded, width + span), np.float32)
+        stored = tasks.shape[0]
+        n_tasks = stored + segments
+        longest = span
+        for t in range(stored):
+            longest = max(longest, tasks[t, 3])
         qa = np.zeros((segments, padded, per_ka, kdim // per_ka), np.float32)
         sums_a = np.zeros((segments, padded, groups_ka), np.float32)
         qb = np.zeros((segments, padded, per_kb, kdim // per_kb), np.float32)
@@ -260,71 +270,89 @@ def _step_kernel(first: tuple, second: tuple):
         for s in range(segments):
             planes_a(reduced[s], qa[s], sums_a[s])
             planes_b(reduced[s], qb[s], sums_b[s])
-        for t in numba.prange(tasks.shape[0]):
-            s, first_row, count, slot = tasks[t, 1], tasks[t, 2], tasks[t, 3], tasks[t, 4]
-            if tasks[t, 0] == 0:
-                score_a(qa[s], sums_a[s], heads, *stored_a[:5], first_row, count, probs[s], slot)
+        probs = np.empty((n_tasks, padded, longest), np.float32)  # each task's own: no two threads share a line
+        top = np.empty((n_tasks, heads), np.float32)
+        mass = np.zeros((n_tasks, heads), np.float32)
+        partial = np.zeros((n_tasks, heads, dim), np.float32)
+        acc_a = np.zeros((stored, heads, per_va, dim // per_va), np.float32)
+        zeros_a = np.zeros((stored, heads, groups_va), np.float32)
+        acc_b = np.zeros((stored, heads, per_vb, dim // per_vb), np.float32)
+        zeros_b = np.zeros((stored, heads, groups_vb), np.float32)
+        for t in numba.prange(n_tasks):
+            store, s, first_row, count = 2, t - stored, 0, span
+            if t < stored:
+                store, s, first_row, count = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
+            if store == 0:
+                score_a(qa[s], sums_a[s], heads, *stored_a[:5], first_row, count, probs[t], 0)
+            elif store == 1:
+                score_b(qb[s], sums_b[s], heads, *stored_b[:5], first_row, count, probs[t], 0)
             else:
-                score_b(qb[s], sums_b[s], heads, *stored_b[:5], first_row, count, probs[s], slot)
-        for s in numba.prange(segments):
-            held = counts[s, 0] + counts[s, 1]
-            for h in range(heads):
-                row = probs[s, h]
-                top = np.float32(-np.inf)
-                for j in range(held):
-                    row[j] *= scale
-                    top = max(top, row[j])
-                for r in range(span):
-                    x = np.float32(-np.inf)
-                    if visible.shape[0] == 0 or visible[s, r]:
+                for h in range(heads):
+                    for r in range(span):
                         x = np.float32(0)
                         for d in range(dim):
                             x += query[s, h, d] * window_keys[s, r, d]
-                        x *= scale
-                    row[width + r] = x
-                    top = max(top, x)
+                        probs[t, h, r] = x if visible.shape[0] == 0 or visible[s, r] else np.float32(-np.inf)
+            for h in range(heads):
+                row = probs[t, h, :count]
+                most = np.float32(-np.inf)
+                for j in range(count):
+                    row[j] *= scale
+                    most = max(most, row[j])
                 total = np.float32(0)
-                for j in range(held):
-                    row[j] = np.exp(row[j] - top)
+                for j in range(count):
+                    row[j] = np.exp(row[j] - most) if most > -np.inf else np.float32(0)
                     total += row[j]
-                for r in range(span):
-                    row[width + r] = np.exp(row[width + r] - top)
-                    total += row[width + r]
-                for j in range(held):
-                    row[j] /= total
+                top[t, h], mass[t, h] = most, total
+            if store == 0:
+                weigh_a(probs[t], heads, *stored_a[5:], first_row, count, 0, acc_a[t], zeros_a[t])
+                unplane_a(acc_a[t], zeros_a[t], partial[t])
+            elif store == 1:
+                weigh_b(probs[t], heads, *stored_b[5:], first_row, count, 0, acc_b[t], zeros_b[t])
+                unplane_b(acc_b[t], zeros_b[t], partial[t])
+            else:
+                for h in range(heads):
+                    for r in range(span):
+                        w = probs[t, h, r]
+                        for d in range(dim):
+                            partial[t, h, d] += w * window_values[s, r, d]
+        # Each head's maximum over its tasks and its softmax's denominator; then each task's share, in task order.
+        most = np.full((segments, heads), np.float32(-np.inf))
+        for t in range(n_tasks):
+            s = tasks[t, 1] if t < stored else t - stored
+            for h in range(heads):
+                most[s, h] = max(most[s, h], top[t, h])
+        total = np.zeros((segments, heads), np.float32)
+        factor = np.empty((n_tasks, heads), np.float32)
+        for t in range(n_tasks):
+            s = tasks[t, 1] if t < stored else t - stored
+            for h in range(heads):
+                factor[t, h] = np.exp(top[t, h] - most[s, h]) if top[t, h] > -np.inf else np.float32(0)
+                total[s, h] += mass[t, h] * factor[t, h]
+        out[:] = 0
+        for t in range(n_tasks):
+            s = tasks[t, 1] if t < stored else t - stored
+            for h in range(heads):
+                factor[t, h] /= total[s, h]
                 for d in range(dim):
-                    out[s, h, d] = 0
-                for r in range(span):
-                    w = row[width + r] / total
-                    row[width + r] = w
-                    for d in range(dim):
-                        out[s, h, d] += w * window_values[s, r, d]
-            for j in range(held):
-                if j < counts[s, 0]:
-                    _fold_one(probs[s, :heads, j], by_max, peak, rows_a, rows_a[3][s] + j, half)
-                else:
-                    _fold_one(probs[s, :heads, j], by_max, peak, rows_b, rows_b[3][s] + j - counts[s, 0], half)
-            for r in range(span):
-                seen = _combine(probs[s, :heads, width + r], by_max)
-                weight = np.float32(recent_ages[s, r])
-                recent[s, r] = _running(recent[s, r], seen, weight, np.float32(1), peak)
-                recent_ages[s, r] = min(weight + 1, 255.0)
-        n_tasks = tasks.shape[0]
-        acc_a = np.zeros((n_tasks, heads, per_va, dim // per_va), np.float32)
-        zeros_a = np.zeros((n_tasks, heads, groups_va), np.float32)
-        acc_b = np.zeros((n_tasks, heads, per_vb, dim // per_vb), np.float32)
-        zeros_b = np.zeros((n_tasks, heads, groups_vb), np.float32)
+                    out[s, h, d] += factor[t, h] * partial[t, h, d]
         for t in numba.prange(n_tasks):
-            s, first_row, count, slot = tasks[t, 1], tasks[t, 2], tasks[t, 3], tasks[t, 4]
-            if tasks[t, 0] == 0:
-                weigh_a(probs[s], heads, *stored_a[5:], first_row, count, slot, acc_a[t], zeros_a[t])
-            else:
-                weigh_b(probs[s], heads, *stored_b[5:], first_row, count, slot, acc_b[t], zeros_b[t])
-        for t in range(n_tasks):  # in task order: the sum does not depend on the thread count
-            if tasks[t, 0] == 0:
-                unplane_a(acc_a[t], zeros_a[t], out[tasks[t, 1]])
-            else:
-                unplane_b(acc_b[t], zeros_b[t], out[tasks[t, 1]])
+            store, s, first_row, count = 2, t - stored, 0, span
+            if t < stored:
+                store, s, first_row, count = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
+            for h in range(heads):
+                for j in range(count):
+                    probs[t, h, j] *= factor[t, h]
+            for j in range(count):
+                if store == 0:
+                    _fold_one(probs[t, :heads, j], by_max, peak, rows_a, first_row + j, half)
+                elif store == 1:
+                    _fold_one(probs[t, :heads, j], by_max, peak, rows_b, first_row + j, half)
+                else:
+                    seen = _combine(probs[t, :heads, j], by_max)
+                    weight = np.float32(recent_ages[s, j])
+                    recent[s, j] = _running(recent[s, j], seen, weight, np.float32(1), peak)
+                    recent_ages[s, j] = min(weight + 1, 255.0)
 
     return step
 
@@ -542,21 +570,17 @@ class DecodeStep:
     one kernel call per layer: the output, with the attention each stored row and window token received folded into
     its running score. At decode sizes the torch operations between separate kernels (the scores, the softmax,
     weighing, folding) cost more than the kernels do. ``keys``/``values``: the stores' readers (`CodedRows`),
-    ``stores``: the `store.RaggedStore`s they read (whose scores are folded), ``segments`` per store as in `CodedRows`."""
+    ``stores``: the `store.RaggedStore`s they read (whose scores are folded)."""
 
-    def __init__(self, keys: CodedRows, values: CodedRows, stores: list, segments: list[torch.Tensor]):
+    def __init__(self, keys: CodedRows, values: CodedRows, stores: list):
         parts = list(zip(keys.parts, values.parts, strict=True))
         self.kernel = _step_kernel(*((k.bits, k.groups, v.bits, v.groups) for k, v in (parts[0], parts[-1])))
         self.stored = [
             (k.codes, k.scale, k.zero, k.powers, k.mantissa, v.codes, v.scale, v.zero, v.powers, v.mantissa)
             for k, v in parts
         ]
-        self.tasks = np.concatenate([np.insert(k.tasks, 0, i, axis=1) for i, (k, _) in enumerate(parts)])
-        self.counts = np.zeros((segments[0].shape[1], 2), np.int64)
-        for i, segment in enumerate(segments):
-            self.counts[:, i] = segment[1].numpy()
-        self.starts = [segment[0].numpy() for segment in segments]
-        self.stores, self.width = stores, keys.shape[2]
+        self.tasks = np.concatenate([np.insert(k.tasks[:, :3], 0, i, axis=1) for i, (k, _) in enumerate(parts)])
+        self.stores = stores
 
     def __call__(
         self,
@@ -590,13 +614,13 @@ class DecodeStep:
             seen = visible[:, None].expand(-1, heads, -1).reshape(flat, -1).contiguous().numpy()
         fresh = [torch.empty(store.rows) for store in self.stores]
         scores = [
-            (_bits(store.scores), store.ages.numpy(), new.numpy(), starts)
-            for store, new, starts in zip(self.stores, fresh, self.starts, strict=True)
+            (_bits(store.scores), store.ages.numpy(), new.numpy())
+            for store, new in zip(self.stores, fresh, strict=True)
         ]
         out = torch.empty(flat, groups, dim)
         _run(
             self.kernel, rows(query), rows(reduced), rows(keys), rows(values), seen, np.float32(scale),
-            self.stored[0], self.stored[-1], self.tasks, self.counts, self.width, scores[0], scores[-1],
+            self.stored[0], self.stored[-1], self.tasks, scores[0], scores[-1],
             _powers(torch.float16), peak, by_max, recent.view(flat, -1).numpy(), recent_ages.view(flat, -1).numpy(),
             out.numpy(),
         )  # fmt: skip
