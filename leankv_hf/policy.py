@@ -42,6 +42,58 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return rank < k.view(*k.shape, *([1] * (scores.dim() - k.dim())))
 
 
+BUDGET_SCOPES = ("layer", "global")  # each layer keeps its fraction; or the layers share the model's (`share_budget`)
+LAYER_FLOOR = 0.2  # the part of an equal share every layer keeps whatever its scores (`layer_shares`)
+
+
+def check_budget_scope(scope: str, scorer, budget: bool) -> None:
+    """Refuse, at construction, a ``budget_scope`` that cannot apply: "global" splits a budget (``budget``: whether
+    there is one) between layers from a probe's scores, taken for every layer before any compacts."""
+    if scope not in BUDGET_SCOPES:
+        raise ValueError(f"budget_scope={scope!r}: choose one of {BUDGET_SCOPES}")
+    if scope == "global" and not scorer.probes:
+        raise ValueError(
+            f"budget_scope='global' splits the budget between layers by a probe's scores, and scorer={scorer.name!r} "
+            "takes none (each layer compacts inside the forward): use scorer='reconstruct', or budget_scope='layer'"
+        )
+    if scope == "global" and not budget:
+        raise ValueError("budget_scope='global' splits a budget between layers: set one (prune_ratio > 0)")
+
+
+def layer_shares(competing: list[tuple[torch.Tensor, torch.Tensor]], keep: torch.Tensor) -> list[torch.Tensor]:
+    """How many competing tokens each layer keeps when the layers share one budget, per batch row. ``competing``:
+    per layer, the tokens it ranks, as ``(batch rows, scores)``; ``keep[B]``: how many of all of them the model
+    keeps. The best ``keep`` of a row's tokens, over every layer, are counted per layer; a layer gets ``LAYER_FLOOR``
+    of an equal part plus ``1 - LAYER_FLOOR`` of its count (AdaKV's floor one level up: no layer is emptied by scores
+    that are low everywhere in it). A row's counts sum to ``keep``."""
+    counts = torch.zeros(len(competing), keep.shape[0], device=keep.device)
+    for b in range(keep.shape[0]):
+        scores = [score[row == b].nan_to_num(float("-inf")) for row, score in competing]
+        every = torch.cat(scores)
+        k = min(int(keep[b]), every.numel())
+        if k == 0:
+            continue
+        best = torch.zeros_like(every, dtype=torch.bool)
+        best[every.topk(k).indices] = True  # exactly k, ties broken by topk
+        counts[:, b] = torch.stack([part.sum() for part in best.split([len(s) for s in scores])]).float()
+    return list(LAYER_FLOOR * counts.mean(0) + (1 - LAYER_FLOOR) * counts)
+
+
+def share_budget(layers: list) -> None:
+    """Split the model's budget between ``layers`` whose pending tokens a probe scored (``budget_scope="global"``;
+    KVzip ranks across layers too): each layer keeps as many tokens as it holds of the whole model's best-scored
+    ones, so a layer whose heads single out few tokens gives its bytes to one that singles out many. The tokens
+    ranked are the ones each layer's compaction would rank (stored rows and those leaving the window), so at a later
+    prompt the rows kept before compete again and the split moves only as far as the new tokens move it. Per batch
+    row; decode-time compactions keep each layer's share (`LeanLayer.take_share`). ``layers``: `LeanLayer`s."""
+    if not layers or layers[0].settings.budget_scope != "global":
+        return
+    equal = [layer.equal_keep() for layer in layers]
+    counts = layer_shares([layer.competing() for layer in layers], torch.stack(equal).sum(0))
+    for layer, count in zip(layers, counts, strict=True):
+        layer.take_share(count)
+
+
 class Policy:
     """Base: rank candidates; ``select`` returns True where a token is kept (single tier).
 

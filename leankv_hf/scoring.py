@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .policy import share_budget
+
 REDUCTIONS = ("mean", "max")
 
 
@@ -141,6 +143,7 @@ class ContextReconstruction(Scorer):
             with cache.probing(Probe(start, stop, valid, first_read)):
                 decoder(**{name: inputs}, position_ids=positions, attention_mask=mask, past_key_values=cache)
             start = stop
+        share_budget(layers)
         for layer in layers:
             layer.settle()
 

@@ -213,13 +213,13 @@ FUZZ = {
     SparseHeadCache: dict(
         budget=_values(0.1, 0.5, 1.0, 64), policy=_values("snapkv", "adakv", "h2o", "streaming", "pyramid", "quest"),
         window=_values(1, 8), recent=_values(0, 8), sink=_values(0, 4), interval=_values(1, 4),
-        gqa=_values("max", "mean"), scorer=_values("window", "reconstruct"),
+        gqa=_values("max", "mean"), scorer=_values("window", "reconstruct"), budget_scope=_values("layer", "global"),
     ),
     UnifiedLeanCache: dict(
         preset=_values("leankv", "leankv-s", "leankv-m", "leankv-adakv", "leankv-agnostic"), high=_values((8, 4), (4, 2)),
         low=_values((4, 2), (2, 2)), prune_ratio=_values(0.0, 0.5, 0.9), low_ratio=_values(0.0, 0.1),
         policy=_values("leankv", "adakv", "snapkv"), rank=_values(4, 0.5, 16), buffer=_values(0, 8), group_size=_values(4, 8, 16),
-        scorer=_values("window", "reconstruct"), budget_mb=_values(0.5, 2.0),
+        scorer=_values("window", "reconstruct"), budget_mb=_values(0.5, 2.0), budget_scope=_values("layer", "global"),
     ),
 }  # fmt: skip
 

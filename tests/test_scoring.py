@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 from leankv_hf import SparseHeadCache, UnifiedLeanCache
 from leankv_hf.caches.layer import LeanLayer
+from leankv_hf.policy import LAYER_FLOOR, layer_shares
 from leankv_hf.scoring import (
     ContextReconstruction,
     KeyDiversity,
@@ -234,11 +235,65 @@ def test_a_model_without_the_hook_raises(tiny_tok):
         (lambda m: UnifiedLeanCache(m, group_size=16, scorer="reconstruct"), "ranking policy"),
         (lambda m: UnifiedLeanCache(m, group_size=16, policy="adakv", prune_ratio=0.8, low_ratio=0.2), "low_ratio=0.2"),
         (lambda m: UnifiedLeanCache(m, group_size=16, low_ratio=0.1), "low_ratio splits"),
+        (lambda m: SparseHeadCache(m, budget_scope="model"), "budget_scope='model'"),
+        (lambda m: SparseHeadCache(m, budget_scope="global"), "scorer='window'"),
+        (lambda m: UnifiedLeanCache(m, policy="adakv", scorer="reconstruct", budget_scope="global"), "prune_ratio > 0"),
     ],
 )
 def test_bad_scorer_settings_raise_at_construction(build, named):
     with pytest.raises(ValueError, match=named):
         build(tiny_model("llama"))
+
+
+def test_layer_shares_follow_the_models_best_scores():
+    """`layer_shares`: per batch row, each layer keeps as many tokens as it holds of the model's best ``keep``,
+    above a floor every layer keeps; a row's counts sum to ``keep``."""
+    row = torch.tensor([0] * 4 + [1] * 4)
+    sharp = (row, torch.tensor([0.9, 0.8, 0.7, 0.6, 0.1, 0.1, 0.1, 0.1]))  # row 0: the best tokens are here
+    flat = (row, torch.tensor([0.1, 0.1, 0.1, 0.1, 0.9, 0.8, 0.7, 0.6]))  # row 1: here
+    counts = torch.stack(layer_shares([sharp, flat], torch.tensor([4, 4])))  # [layers, B]
+    floor = LAYER_FLOOR * 2  # the floor: LAYER_FLOOR of an equal part (2 of the 4)
+    expected = torch.tensor([[floor + (1 - LAYER_FLOOR) * 4, floor], [floor, floor + (1 - LAYER_FLOOR) * 4]])
+    torch.testing.assert_close(counts, expected)
+    torch.testing.assert_close(counts.sum(0), torch.tensor([4.0, 4.0]))
+    torch.testing.assert_close(
+        torch.stack(layer_shares([sharp, sharp], torch.tensor([2, 8]))), torch.tensor([[1.0, 4.0]] * 2)
+    )
+
+
+@pytest.mark.parametrize("make", ["sparse", "unified"])
+def test_a_global_budget_moves_tokens_between_layers_and_keeps_the_total(make, tiny_tok, tmp_path):
+    """``budget_scope="global"``: after the probe, layers keep different numbers of tokens (their shares), the
+    model keeps about what per-layer budgets keep, decode goes on, and a saved cache keeps its shares."""
+    model = lively("llama")
+    ids = tiny_tok([TINY_PROMPT * 3], return_tensors="pt").input_ids
+
+    def build(scope):
+        if make == "sparse":
+            return SparseHeadCache(model, budget=0.3, scorer="reconstruct", recent=8, budget_scope=scope)
+        return UnifiedLeanCache(
+            model, policy="adakv", prune_ratio=0.7, scorer="reconstruct", buffer=8, group_size=16, budget_scope=scope
+        )
+
+    kept = {}
+    for scope in ("layer", "global"):
+        cache = build(scope)
+        with torch.inference_mode():
+            model(input_ids=ids, past_key_values=cache)
+        kept[scope] = torch.stack([layer.kept_tokens().sum() for layer in lean_layers(cache)]).float()
+    shares = torch.stack([layer.share for layer in lean_layers(cache)])
+    assert bool((shares > LAYER_FLOOR).all()) and float(shares.std()) > 0.05  # a multiple of an equal allowance
+    assert abs(float(shares.mean()) - 1) < 0.05
+    assert float(kept["global"].std()) > float(kept["layer"].std())
+    assert abs(float(kept["global"].sum() - kept["layer"].sum())) <= 0.1 * float(kept["layer"].sum())
+    token = ids[:, -1:]
+    with torch.inference_mode():
+        for _ in range(20):  # decode steps (past one compaction) keep each layer's share
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    assert cache.get_seq_length() == ids.shape[1] + 20
+    assert torch.equal(torch.stack([layer.share for layer in lean_layers(cache)]), shares)
+    again = type(cache).from_pretrained(cache.save_pretrained(tmp_path / "ctx"), model=model)
+    assert torch.equal(torch.stack([layer.share for layer in lean_layers(again)]), shares)
 
 
 def test_scorer_specs_round_trip():

@@ -44,6 +44,7 @@ class LayerSettings:
     budget_layers: int = 1  # compressed layers sharing the cap
     budget_pooled: bool = True  # the heads of a layer share its bytes (adaptive); else each head an equal share
     reserve_tokens: int = 0  # tokens per batch row and KV head that uncompressed (sliding) layers hold
+    budget_scope: str = "layer"  # "global": the layers share the model's budget by a probe's scores (`share_budget`)
 
 
 class LeanLayer(CompressedLayer):
@@ -65,6 +66,7 @@ class LeanLayer(CompressedLayer):
         "page_low",
         "page_high",
         "budget_report",
+        "share",
     )
 
     def __init__(self, layer_idx: int, num_layers: int, settings: LayerSettings):
@@ -77,6 +79,7 @@ class LeanLayer(CompressedLayer):
         self.prefilled = False
         self._layout = None  # where stored rows sit in the padded body (`PaddedLayout`), remade at each compaction
         self._viewed = False  # whether attention saw the whole body this step (its scores route back to the rows)
+        self.share = None  # [B]: this layer's part of the model's budget (`share_budget`); None: an equal part
 
     # -- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -175,6 +178,7 @@ class LeanLayer(CompressedLayer):
             return
         index = index.to(self.device)
         names = ["keys", "values", "recent_scores", "recent_ages", "recent_valid", "padding"]
+        names += ["share"] if self.share is not None else []
         for name in names + (["page_low", "page_high"] if self.settings.policy.page_size else []):
             setattr(self, name, getattr(self, name).index_select(0, index))
         for tier in self.tiers:
@@ -392,10 +396,56 @@ class LeanLayer(CompressedLayer):
         )
         return fitted.view_as(target)
 
-    def _allowance(self, context: torch.Tensor) -> torch.Tensor:
-        """``[B]`` tokens each head may hold (or attend, for a query-aware policy), recent window and sinks included."""
+    def _allowance(self, context: torch.Tensor, shared: bool = True) -> torch.Tensor:
+        """``[B]`` tokens each head may hold (or attend, for a query-aware policy), recent window and sinks included:
+        the budget, times this layer's share of the model's (`share_budget`) where it has one and ``shared``."""
         budget = self.settings.budget
-        return torch.full_like(context, budget) if isinstance(budget, int) else (context.float() * budget).ceil().long()
+        equal = (
+            torch.full_like(context, budget) if isinstance(budget, int) else (context.float() * budget).ceil().long()
+        )
+        if self.share is None or not shared:
+            return equal
+        return torch.minimum((equal * self.share).ceil().long(), context)
+
+    def competing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores of the tokens the next compaction ranks (stored rows, and the tokens leaving the exact window;
+        not sinks or padding), and each one's batch row: what `share_budget` compares across layers."""
+        batch, heads, window = self.keys.shape[:3]
+        first_free = self.padding + self.settings.sink  # [B]: positions before it are sinks (or padding)
+        rows, scores = [], []
+        for tier in self.tiers:
+            row = tier.segments() // heads
+            free = tier.positions.long() >= first_free[row]
+            rows.append(row[free])
+            scores.append(tier.scores.float()[free])
+        start, n_exit = self.seen - window, self._exiting()
+        position = torch.arange(start, start + n_exit, device=self.device)
+        free = (self.recent_valid[:, :n_exit] & (position >= first_free[:, None]))[:, None].expand(-1, heads, -1)
+        rows.append(torch.arange(batch, device=self.device)[:, None, None].expand_as(free)[free])
+        scores.append(self.recent_scores[..., :n_exit][free])
+        return torch.cat(rows), torch.cat(scores)
+
+    def equal_keep(self) -> torch.Tensor:
+        """``[B]`` how many of its competing tokens (`competing`, all heads) the layer keeps with an equal part of the
+        budget: each head's allowance less the tokens it keeps anyway (the staying window, the sinks)."""
+        return (self._allowance(self._context(), shared=False) - self._reserved()).clamp_min(0) * self.keys.shape[1]
+
+    def take_share(self, count: torch.Tensor) -> None:
+        """Keep ``count[B]`` competing tokens (all heads) at the next compaction, and the same share of the budget
+        (as a multiple of an equal one) at every later one."""
+        heads, equal = self.keys.shape[1], self._allowance(self._context(), shared=False)
+        self.share = (count / heads + self._reserved()) / equal.clamp_min(1)
+
+    def _context(self) -> torch.Tensor:
+        return (self.seen - self.padding).clamp_min(1)
+
+    def _exiting(self) -> int:
+        """Window tokens the next compaction moves out of the exact window."""
+        return max(self.keys.shape[-2] - self.settings.recent, 0)
+
+    def _reserved(self) -> torch.Tensor:
+        """``[B]`` tokens each head keeps whatever the policy says: those staying in the window, and the sinks."""
+        return self.recent_valid[:, self._exiting() :].sum(-1) + self.settings.sink
 
     def _add_to_pages(self, keys: torch.Tensor, segments: torch.Tensor, ranks: torch.Tensor) -> None:
         """Fold keys entering the store (``ranks`` within their head) into their pages' key minimum and maximum.

@@ -8,7 +8,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import use_leankv_attention
-from ..policy import Policy, sparse_policy
+from ..policy import Policy, check_budget_scope, sparse_policy
 from ..scoring import ObservationWindow, Scorer, make_scorer, scorer_spec
 from ..store import Precision
 from .base import LeanCache, check_storage_dtype, full_attention_layers, text_config
@@ -21,7 +21,8 @@ GQA_MODES = ("max", "mean")
 @dataclass(frozen=True)
 class SparseConfig:
     """Validated settings of `SparseHeadCache`. ``budget``: a fraction of the tokens in (0, 1], or an int
-    number of tokens per head (recent window and sinks included)."""
+    number of tokens per head (recent window and sinks included); ``budget_scope`` "global" (with a probing scorer)
+    lets the layers share the model's budget by the probe's scores instead of each keeping ``budget``."""
 
     budget: float | int = 0.2
     policy: str = "adakv"
@@ -32,6 +33,7 @@ class SparseConfig:
     gqa: str = "max"
     scorer: str | dict | Scorer = "window"
     storage_dtype: torch.dtype | None = None
+    budget_scope: str = "layer"
     policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -62,6 +64,7 @@ class SparseConfig:
                 f"policy={self.policy!r} compares mean attention with alpha / context, but scorer={self.scorer!r} "
                 "scores by maximum: choose a ranking policy (snapkv, adakv, pyramid, ...)"
             )
+        check_budget_scope(self.budget_scope, scorer, True)
         if policy.page_size and not isinstance(scorer, ObservationWindow):
             raise ValueError(
                 f"policy={self.policy!r} evicts nothing, so it takes no scorer; got scorer={self.scorer!r}"
@@ -101,9 +104,12 @@ class SparseHeadCache(LeanCache):
         gqa: str = "max",
         scorer: str | dict | Scorer = "window",
         storage_dtype: torch.dtype | None = None,
+        budget_scope: str = "layer",
         **policy_options,
     ):
-        cfg = SparseConfig(budget, policy, window, recent, sink, interval, gqa, scorer, storage_dtype, policy_options)
+        cfg = SparseConfig(
+            budget, policy, window, recent, sink, interval, gqa, scorer, storage_dtype, budget_scope, policy_options
+        )
         self.settings = cfg
         settings = LayerSettings(
             tiers=((Precision(16), Precision(16)),),
@@ -115,6 +121,7 @@ class SparseHeadCache(LeanCache):
             interval=interval,
             gqa=gqa,
             storage_dtype=cfg.storage_dtype,
+            budget_scope=budget_scope,
         )
         compressed = full_attention_layers(text_config(model_or_config))  # layer budgets count only these
         super().__init__(

@@ -17,7 +17,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ..attention import use_leankv_attention
 from ..monitor import cache_stats
-from ..policy import SPARSE_POLICIES, LeanKVPolicy, Policy, TieredPolicy, sparse_policy
+from ..policy import SPARSE_POLICIES, LeanKVPolicy, Policy, TieredPolicy, check_budget_scope, sparse_policy
 from ..scoring import Scorer, make_scorer, scorer_spec
 from ..store import Precision, fit_basis, fitting_group
 from .base import LeanCache, check_storage_dtype, full_attention_layers, head_dim, text_config
@@ -53,6 +53,8 @@ class LeanKVConfig:
     stored bytes (MiB, or None): as the cache fills, the least important tokens move down a tier, then out;
     ``mode`` "adaptive" lets the heads of a layer share its bytes by importance, "static" gives each an equal
     share. ``storage_dtype`` holds the exact window and 16-bit tiers (None: 16-bit, float16 for a float32 model).
+    ``budget_scope`` "global" (with ``scorer="reconstruct"`` and ``prune_ratio``) lets the layers share the model's
+    budget by the probe's scores, as KVzip ranks across layers; "layer": each keeps ``1 - prune_ratio``.
     """
 
     high: tuple[int, int] = (8, 4)
@@ -73,6 +75,7 @@ class LeanKVConfig:
     mode: str = "adaptive"
     budget_mb: float | None = None
     storage_dtype: str | None = None
+    budget_scope: str = "layer"
 
     def __post_init__(self):
         for name in ("high", "low"):
@@ -118,6 +121,7 @@ class LeanKVConfig:
         mb = self.budget_mb
         if mb is not None and not (_number(mb) and math.isfinite(mb) and mb > 0):
             raise ValueError(f"budget_mb={mb!r} must be a positive number of megabytes, or None (no cap)")
+        check_budget_scope(self.budget_scope, self.build_scorer(), self.prune_ratio > 0)
         if self.build_policy().thresholds and self.build_scorer().reduce != "mean":
             raise ValueError(
                 f"policy={self.policy!r} compares mean attention with alpha / context, but scorer={self.scorer!r} "
@@ -327,8 +331,9 @@ PRESETS: dict[str, dict] = {
     # (AdaKV), stored at K8V4 -- about 10x smaller than 16-bit.
     "leankv-adakv": {"high": (8, 4), "low": (4, 2), "policy": "adakv", "prune_ratio": 0.8},
     # When the question is not known yet (a context compressed before it is asked, reused, chunk-prefilled): scores
-    # from re-reading the context (KVzip), and uncertainty answered with a tier rather than a cut: each layer's heads
-    # share 10% of the tokens at K8V4 and 20% more at K4V2 -- about 9-10x smaller than 16-bit.
+    # from re-reading the context (KVzip), and uncertainty answered with a tier rather than a cut: the model keeps 10%
+    # of the tokens at K8V4 and 20% more at K4V2, shared between layers and heads by those scores -- about 9-10x
+    # smaller than 16-bit.
     "leankv-agnostic": {
         "high": (8, 4),
         "low": (4, 2),
@@ -336,6 +341,7 @@ PRESETS: dict[str, dict] = {
         "prune_ratio": 0.7,
         "low_ratio": 0.2,
         "scorer": "reconstruct",
+        "budget_scope": "global",
     },
 }
 
@@ -376,6 +382,7 @@ class UnifiedLeanCache(LeanCache):
             budget_layers=len(compressed),
             budget_pooled=config.mode == "adaptive",
             reserve_tokens=sum(kwargs.get("sliding_window", 0) for kwargs in get_layer_types_and_kwargs(text)[1]),
+            budget_scope=config.budget_scope,
         )
         layer = LowRankLayer if config.rank else LeanLayer
         high = [

@@ -46,7 +46,10 @@ def _budget(text: str) -> float | int:
 
 
 _HETERO_FLAGS = {"g": ("group_size", int), "r": ("residual_length", int), "chan": ("key_axis", lambda _: "channel")}
-_SCORER_FLAGS = {name: ("scorer", lambda _, name=name: name) for name in SCORERS}
+_SCORER_FLAGS = {name: ("scorer", lambda _, name=name: name) for name in SCORERS} | {
+    "global": ("budget_scope", lambda _: "global"),
+    "perlayer": ("budget_scope", lambda _: "layer"),
+}
 _SPARSE_FLAGS = {"w": ("window", int), "rec": ("recent", int), "iv": ("interval", int), **_SCORER_FLAGS}
 _UNIFIED_FLAGS = {
     "ap": ("alpha_prune", float),
@@ -83,8 +86,9 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
     "sparse": (
         r"([a-z][a-z0-9_]*)@(\d+(?:\.\d*)?)((?:,[a-z]+\d*)*)",
         lambda m: {"policy": m[1], "budget": _budget(m[2]), **_flags(m[3], _SPARSE_FLAGS)},
-        "sparse:POLICY@BUDGET[,wW][,recR][,ivI][,reconstruct|,keydiff]  (SparseHeadCache; budget a fraction like 0.2 or a "
-        "token count like 512; observation window, exact recent tokens, decode steps between evictions; scorer)",
+        "sparse:POLICY@BUDGET[,wW][,recR][,ivI][,reconstruct|,keydiff][,global|,perlayer]  (SparseHeadCache; budget a "
+        "fraction like 0.2 or a token count like 512; observation window, exact recent tokens, decode steps between "
+        "evictions; scorer; global: the layers share the model's budget by the probe's scores, perlayer: each its own)",
     ),
     "unified": (
         r"(?:k(\d+)v(\d+)/k(\d+)v(\d+)|([a-z][\w-]*))((?:,[a-z]+[\d.]*)*)",
@@ -93,9 +97,10 @@ _FORMS: dict[str, tuple[str | None, Callable[[re.Match | None], dict], str]] = {
             **_flags(m[6], _UNIFIED_FLAGS),
         },
         "unified:PRESET[,...] or unified:kKvV/kKvV[,apA][,aqA][,gG][,prP][,lrL][,rankR][,bufB][,ivI][,POLICY]"
-        "[,SCORER]  (UnifiedLeanCache: a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; group "
-        "size; prune ratio; low-tier ratio; key rank; exact buffer; decode steps between compactions; a sparse "
-        "policy instead of the thresholds, e.g. adakv; scorer: window, keydiff or reconstruct)",
+        "[,SCORER][,global|,perlayer]  (UnifiedLeanCache: a preset, or high/low tier bits; alpha_prune, alpha_quant thresholds; "
+        "group size; prune ratio; low-tier ratio; key rank; exact buffer; decode steps between compactions; a sparse "
+        "policy instead of the thresholds, e.g. adakv; scorer: window, keydiff or reconstruct; global: the layers "
+        "share the model's budget by the probe's scores, perlayer: each keeps its own)",
     ),
 }
 
