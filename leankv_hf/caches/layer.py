@@ -298,7 +298,7 @@ class LeanLayer(CompressedLayer):
         """Re-rank stored tokens and those leaving the recent window; move each to its tier or prune it."""
         s = self.settings
         batch, heads, window = self.keys.shape[:3]
-        n_exit = max(window - s.recent, 0)
+        n_exit = self._exiting()
         if n_exit == 0 and not any(t.rows for t in self.tiers):
             return
         start = self.seen - window
@@ -328,7 +328,7 @@ class LeanLayer(CompressedLayer):
         )
 
         shape = (batch, heads, width)
-        context = (self.seen - self.padding).clamp_min(1)
+        context = self._context()
         staying = self.recent_valid[:, n_exit:].sum(-1)  # real tokens that stay in the exact window
         candidates = Candidates(
             scores=scores.view(shape),
@@ -437,6 +437,7 @@ class LeanLayer(CompressedLayer):
         self.share = (count / heads + self._reserved()) / equal.clamp_min(1)
 
     def _context(self) -> torch.Tensor:
+        """``[B]`` real tokens seen (at least 1: uniform attention is ``1 / context``)."""
         return (self.seen - self.padding).clamp_min(1)
 
     def _exiting(self) -> int:

@@ -279,9 +279,7 @@ def _step_kernel(first: tuple, second: tuple):
         acc_b = np.zeros((stored, heads, per_vb, dim // per_vb), np.float32)
         zeros_b = np.zeros((stored, heads, groups_vb), np.float32)
         for t in numba.prange(n_tasks):
-            store, s, first_row, count = 2, t - stored, 0, span
-            if t < stored:
-                store, s, first_row, count = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
+            store, s, first_row, count = _task(tasks, t, span)
             if store == 0:
                 score_a(qa[s], sums_a[s], heads, *stored_a[:5], first_row, count, probs[t], 0)
             elif store == 1:
@@ -319,27 +317,25 @@ def _step_kernel(first: tuple, second: tuple):
         # Each head's maximum over its tasks and its softmax's denominator; then each task's share, in task order.
         most = np.full((segments, heads), np.float32(-np.inf))
         for t in range(n_tasks):
-            s = tasks[t, 1] if t < stored else t - stored
+            s = _task(tasks, t, span)[1]
             for h in range(heads):
                 most[s, h] = max(most[s, h], top[t, h])
         total = np.zeros((segments, heads), np.float32)
         factor = np.empty((n_tasks, heads), np.float32)
         for t in range(n_tasks):
-            s = tasks[t, 1] if t < stored else t - stored
+            s = _task(tasks, t, span)[1]
             for h in range(heads):
                 factor[t, h] = np.exp(top[t, h] - most[s, h]) if top[t, h] > -np.inf else np.float32(0)
                 total[s, h] += mass[t, h] * factor[t, h]
         out[:] = 0
         for t in range(n_tasks):
-            s = tasks[t, 1] if t < stored else t - stored
+            s = _task(tasks, t, span)[1]
             for h in range(heads):
                 factor[t, h] /= total[s, h]
                 for d in range(dim):
                     out[s, h, d] += factor[t, h] * partial[t, h, d]
         for t in numba.prange(n_tasks):
-            store, s, first_row, count = 2, t - stored, 0, span
-            if t < stored:
-                store, s, first_row, count = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
+            store, s, first_row, count = _task(tasks, t, span)
             for h in range(heads):
                 for j in range(count):
                     probs[t, h, j] *= factor[t, h]
@@ -386,6 +382,15 @@ if numba is not None:
             small = np.float32(magnitude) * np.float32(2.0**-24)
             small = -small if row[d] & 0x8000 else small
             out[d] = small if magnitude < 0x400 else normal[d]
+
+    @numba.njit(inline="always")
+    def _task(tasks, t, span):  # pragma: no cover (jit)
+        """Task ``t`` of a decode step as ``(store, segment, first row, rows)``: the ``tasks`` rows (a chunk of a store's
+        rows), then one per segment for its window of ``span`` tokens (store 2)."""
+        stored = tasks.shape[0]
+        if t < stored:
+            return tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
+        return np.int64(2), np.int64(t - stored), np.int64(0), np.int64(span)
 
     @numba.njit(inline="always")
     def _combine(received, by_max):  # pragma: no cover (jit)
