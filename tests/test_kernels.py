@@ -168,6 +168,29 @@ def test_the_first_kernel_call_leaves_torchs_thread_count_alone():
     assert out.split() == ["1"]
 
 
+def test_a_kernel_compiled_in_one_process_is_loaded_from_numbas_cache_in_the_next():
+    """A first decode step compiles its kernels (tens of seconds); numba caches them on disk, keyed by a hash of what
+    each kernel's closure holds. That key must be the same in every process, or every new process compiles again."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib\n"
+        "from numba.core.caching import FunctionCache\n"
+        "from numba.core.serialize import dumps\n"
+        "from leankv_hf.kernels import cpu\n"
+        "for kernel in (cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1)), *cpu._kernels(4, 2)):\n"
+        "    assert isinstance(kernel._cache, FunctionCache), kernel\n"
+        "    held = tuple(cell.cell_contents for cell in kernel.py_func.__closure__)\n"
+        "    print(hashlib.sha256(dumps(held)).hexdigest())\n"
+    )
+    keys = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+        for _ in range(2)
+    ]
+    assert len(keys[0]) == 3 and keys[0] == keys[1]
+
+
 def test_a_new_python_thread_runs_the_kernels_on_torchs_thread_count_too():
     """numba's thread count is set per Python thread: a second thread (a server's worker) must get its own."""
     import threading

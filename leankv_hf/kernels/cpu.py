@@ -15,6 +15,8 @@ kernels cost more than the kernels; the one-call step removes them.
 
 Used for stores on CPU whose rows are int codes with per-token groups or 16-bit floats, when numba is installed
 (the ``cpu`` extra); everything else takes the padded view. Both give the same products up to float summation order.
+A kernel compiles at its first call for each mix of precisions (tens of seconds) and numba caches it on disk, so
+later processes load it (`_named`).
 """
 
 from __future__ import annotations
@@ -84,6 +86,16 @@ def _powers(dtype: torch.dtype):
 def _bits(t: torch.Tensor):
     """A 16-bit float tensor's bit patterns as a uint16 array (no copy)."""
     return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _named(dispatchers: tuple, family: str) -> tuple:
+    """``dispatchers``, given identities that are the same in every process. numba keys a cached kernel by the
+    pickled values its closure holds (here: the routines it calls), and a dispatcher pickles with an identity drawn
+    at random per process; so named, a kernel compiled once loads from numba's cache (``cache=True``) in every later
+    process instead of compiling again (tens of seconds before a first decode step)."""
+    for i, dispatcher in enumerate(dispatchers):
+        dispatcher._set_uuid(f"leankv_hf.kernels.cpu:{family}:{i}")
+    return dispatchers
 
 
 @functools.cache
@@ -181,7 +193,7 @@ def _routines(bits: int, groups: int):
             for d in range(dim):
                 out[r, d] += acc[r, d % per, d // per] + zeros[r, d // per // width]
 
-    return planes, score, weigh, unplane
+    return _named((planes, score, weigh, unplane), f"routines-{bits}-{groups}")
 
 
 @functools.cache
@@ -192,7 +204,7 @@ def _kernels(bits: int, groups: int):
     planes, score, weigh, unplane = _routines(bits, groups)
     per = max(8 // bits, 1)
 
-    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
+    @numba.njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
     def scores(query, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r, slot] = query[s, r] . row`` for ``query[S, R, D]``."""
         segments, rows, dim = query.shape
@@ -206,7 +218,7 @@ def _kernels(bits: int, groups: int):
                 q[s], sums[s], rows, codes, scale, zero, powers, mantissa, tasks[t, 1], tasks[t, 2], out[s], tasks[t, 3]
             )
 
-    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
+    @numba.njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
     def weighed(probs, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r] += sum_j probs[s, r, slot + j] * row`` for ``out[S, R, D]``. Each task sums into its own planes;
         then, in task order (so the sum does not depend on the thread count), they are added to their segment's."""
@@ -221,7 +233,7 @@ def _kernels(bits: int, groups: int):
         for t in range(n_tasks):
             unplane(partial[t], zeros[t], out[tasks[t, 0]])
 
-    return scores, weighed
+    return _named((scores, weighed), f"kernels-{bits}-{groups}")
 
 
 @functools.cache
@@ -241,7 +253,7 @@ def _step_kernel(first: tuple, second: tuple):
     per_ka, per_kb, per_va, per_vb = (max(8 // bits, 1) for bits in (first[0], second[0], first[2], second[2]))
     groups_ka, groups_kb, groups_va, groups_vb = first[1], second[1], first[3], second[3]
 
-    @numba.njit(fastmath=True, boundscheck=False, parallel=True)
+    @numba.njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
     def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, rows_a, rows_b,
              half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
         """One query per (segment, query head) attends the stores' rows and the exact window; the attention each row
@@ -350,7 +362,7 @@ def _step_kernel(first: tuple, second: tuple):
                     recent[s, j] = _running(recent[s, j], seen, weight, np.float32(1), peak)
                     recent_ages[s, j] = min(weight + 1, 255.0)
 
-    return step
+    return _named((step,), f"step-{first}-{second}")[0]
 
 
 if numba is not None:
@@ -416,6 +428,8 @@ if numba is not None:
         old = _float16(rows[0][i], half[0], half[1])
         rows[2][i] = _running(old, _combine(received, by_max), weight, np.float32(1), peak)
         rows[1][i] = min(weight + 1, 255.0)
+
+    _named((_float16, _row16, _task, _combine, _running, _fold_one), "helpers")
 
     @numba.njit(parallel=True)
     def _noop(x):  # pragma: no cover (jit)
