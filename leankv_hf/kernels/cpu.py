@@ -165,24 +165,32 @@ def _routines(bits: int, groups: int):
     @numba.njit(fastmath=True, boundscheck=False)
     def weigh(probs, rows, codes, scale, zero, powers, mantissa, first, count, slot, acc, zeros):  # pragma: no cover
         """``acc[r]`` (planes) ``+= sum_j probs[r, slot + j] * codes * scale`` over rows ``first + j``, and ``zeros[r,
-        g] += probs * zero`` per group: `unplane` adds them up."""
-        width = acc.shape[2] // groups
-        dim = acc.shape[2] * per
-        wide, x16 = np.empty(dim, np.uint32), np.empty(dim, np.float32)
+        g] += probs * zero`` per group: `unplane` adds them up. Each row's codes are converted once, into float
+        planes, and every query row adds them in a loop LLVM vectorizes."""
+        planes = acc.shape[2]
+        width = planes // groups
+        wide, x = np.empty(planes * per, np.uint32), np.empty((per, planes), np.float32)
+        sc, ze = np.ones(groups, np.float32), np.zeros(groups, np.float32)
         for j in range(count):
             i = first + j
             row = codes[i]
             if bits == 16:
-                _row16(row, mantissa, wide, x16)
+                _row16(row, mantissa, wide, x[0])
+            else:
+                for p in range(per):
+                    for b in range(planes):
+                        x[p, b] = f32((row[b] >> (p * bits)) & mask)
+                for g in range(groups):
+                    sc[g] = _float16(scale[i, g], powers, mantissa)
+                    ze[g] = _float16(zero[i, g], powers, mantissa)
             for r in range(rows):
                 w = probs[r, slot + j]
                 for g in range(groups):
-                    ws = w if bits == 16 else w * _float16(scale[i, g], powers, mantissa)
-                    if bits != 16:
-                        zeros[r, g] += w * _float16(zero[i, g], powers, mantissa)
+                    ws = w * sc[g]
+                    zeros[r, g] += w * ze[g]
                     for p in range(per):
                         for b in range(g * width, g * width + width):
-                            acc[r, p, b] += ws * (x16[b] if bits == 16 else f32((row[b] >> (p * bits)) & mask))
+                            acc[r, p, b] += ws * x[p, b]
 
     @numba.njit(fastmath=True, boundscheck=False)
     def unplane(acc, zeros, out):  # pragma: no cover (jit)
@@ -303,17 +311,18 @@ def _step_kernel(first: tuple, second: tuple):
                         for d in range(dim):
                             x += query[s, h, d] * window_keys[s, r, d]
                         probs[t, h, r] = x if visible.shape[0] == 0 or visible[s, r] else np.float32(-np.inf)
+            powers = np.empty(longest, np.uint32)
             for h in range(heads):
                 row = probs[t, h, :count]
                 most = np.float32(-np.inf)
                 for j in range(count):
                     row[j] *= scale
                     most = max(most, row[j])
-                total = np.float32(0)
-                for j in range(count):
-                    row[j] = np.exp(row[j] - most) if most > -np.inf else np.float32(0)
-                    total += row[j]
-                top[t, h], mass[t, h] = most, total
+                if most > -np.inf:
+                    mass[t, h] = _exp_less(row, most, powers)
+                else:  # nothing visible (or not a number): this task adds nothing
+                    row[:] = 0
+                top[t, h] = most
             if store == 0:
                 weigh_a(probs[t], heads, *stored_a[5:], first_row, count, 0, acc_a[t], zeros_a[t])
                 unplane_a(acc_a[t], zeros_a[t], partial[t])
@@ -395,6 +404,34 @@ if numba is not None:
             small = -small if row[d] & 0x8000 else small
             out[d] = small if magnitude < 0x400 else normal[d]
 
+    @numba.njit(inline="always", fastmath=True)
+    def _exp_less(row, most, powers):  # pragma: no cover (jit)
+        """``row[j] = exp(row[j] - most)`` in place (``most``: finite, at least every value), and their sum. numba calls
+        libm once per value for ``np.exp`` (no SVML here): the largest cost of a decode step's softmax. This form
+        vectorizes: ``2**n * 2**f`` with ``n`` the nearest integer to ``(row[j] - most) / ln 2``, ``2**n`` built from its
+        bits in ``powers`` (uint32, at least as long as ``row``), ``2**f`` (``|f| <= 1/2``) by its Taylor series to
+        degree 7 (error below 1e-8, under float32's rounding). Below ``e**-87`` (float32's smallest normal) is 0; a NaN
+        stays NaN."""
+        n = row.shape[0]
+        for j in range(n):
+            less = row[j] - most
+            x = max(less, np.float32(-87.0)) * np.float32(1.4426950408889634)  # log2(e)
+            whole = np.floor(x + np.float32(0.5))
+            f = (x - whole) * np.float32(0.6931471805599453)  # ln 2: e**f = 2**(x - whole)
+            series = np.float32(1 / 5040)
+            for c in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
+                series = series * f + np.float32(c)
+            powers[j] = np.uint32((np.int32(whole) + 127) << 23)
+            row[j] = (
+                series if less >= np.float32(-87.0) else (np.float32(0) if less < np.float32(-87.0) else less)
+            )  # NaN
+        scaled = powers[:n].view(np.float32)
+        total = np.float32(0)
+        for j in range(n):
+            row[j] *= scaled[j]
+            total += row[j]
+        return total
+
     @numba.njit(inline="always")
     def _task(tasks, t, span):  # pragma: no cover (jit)
         """Task ``t`` of a decode step as ``(store, segment, first row, rows)``: the ``tasks`` rows (a chunk of a store's
@@ -429,7 +466,7 @@ if numba is not None:
         rows[2][i] = _running(old, _combine(received, by_max), weight, np.float32(1), peak)
         rows[1][i] = min(weight + 1, 255.0)
 
-    _named((_float16, _row16, _task, _combine, _running, _fold_one), "helpers")
+    _named((_float16, _row16, _exp_less, _task, _combine, _running, _fold_one), "helpers")
 
     @numba.njit(parallel=True)
     def _noop(x):  # pragma: no cover (jit)
