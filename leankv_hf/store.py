@@ -474,9 +474,8 @@ class PaddedLayout:
         table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
         self.starts, self.offsets = table[:, 0], table[:, 2]
         self.segments = list(table)
-        # The kernels' readers of the stores in place and their decode step (`view`), made on first use; so are the
-        # valid slots and the basis, per dtype (`_valid_and_basis`).
-        self._readers, self._made = None, {}
+        # The kernels' readers of the stores in place and their decode step (`view`), made on first use.
+        self._readers = None
 
     def slots(self) -> list[torch.Tensor]:
         """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at
@@ -524,15 +523,12 @@ class PaddedLayout:
         return keys, values, kernels.decode_step(keys, values, stores)
 
     def _valid_and_basis(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Which slots hold a row ``[B, H, W]``, and the low-rank keys' basis ``[B, H, D, rank]`` in ``dtype`` (or None);
-        made once per dtype, as every decode step until the next compaction asks again."""
-        if dtype not in self._made:
-            batch, heads = self.shape
-            valid = torch.arange(self.width, device=self.held.device) < self.held[:, None]
-            basis = next(store.basis for store in self.stores if store.rows)
-            basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
-            self._made[dtype] = valid.view(batch, heads, self.width), basis
-        return self._made[dtype]
+        """Which slots hold a row ``[B, H, W]``, and the low-rank keys' basis ``[B, H, D, rank]`` in ``dtype`` (or None)."""
+        batch, heads = self.shape
+        valid = torch.arange(self.width, device=self.held.device) < self.held[:, None]
+        basis = next(store.basis for store in self.stores if store.rows)
+        basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
+        return valid.view(batch, heads, self.width), basis
 
     def fold(self, scores: torch.Tensor, n: int, reduce: str = "mean") -> None:
         """Fold ``n`` observations, summing (``reduce="mean"``) or peaking (``"max"``) at ``scores[B, H, W]`` (what
