@@ -94,7 +94,10 @@ def _named(dispatchers: tuple, family: str) -> tuple:
     at random per process; so named, a kernel compiled once loads from numba's cache (``cache=True``) in every later
     process instead of compiling again (tens of seconds before a first decode step)."""
     for i, dispatcher in enumerate(dispatchers):
-        dispatcher._set_uuid(f"leankv_hf.kernels.cpu:{family}:{i}")
+        # numba's own hook, a private one: should a numba lack it, kernels still run, each process compiling its own
+        name = getattr(dispatcher, "_set_uuid", None)
+        if name is not None:
+            name(f"leankv_hf.kernels.cpu:{family}:{i}")
     return dispatchers
 
 
@@ -407,11 +410,10 @@ if numba is not None:
     @numba.njit(inline="always", fastmath=True)
     def _exp_less(row, most, powers):  # pragma: no cover (jit)
         """``row[j] = exp(row[j] - most)`` in place (``most``: finite, at least every value), and their sum. numba calls
-        libm once per value for ``np.exp`` (no SVML here): the largest cost of a decode step's softmax. This form
-        vectorizes: ``2**n * 2**f`` with ``n`` the nearest integer to ``(row[j] - most) / ln 2``, ``2**n`` built from its
-        bits in ``powers`` (uint32, at least as long as ``row``), ``2**f`` (``|f| <= 1/2``) by its Taylor series to
-        degree 7 (error below 1e-8, under float32's rounding). Below ``e**-87`` (float32's smallest normal) is 0; a NaN
-        stays NaN."""
+        libm once per value for ``np.exp`` (no SVML here), a loop LLVM cannot vectorize; this one it can: ``e**x =
+        2**n * e**(f ln 2)`` with ``n`` the nearest integer to ``x / ln 2`` and ``|f| <= 1/2``, ``2**n`` built from its
+        bits in ``powers`` (uint32, at least as long as ``row``), ``e**(f ln 2)`` by its Taylor series to degree 7 (error
+        below 1e-8, under float32's rounding). Below ``e**-87`` (float32's smallest normal) is 0; a NaN stays NaN."""
         n = row.shape[0]
         for j in range(n):
             less = row[j] - most
