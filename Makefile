@@ -45,6 +45,7 @@ results: install
 	done
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 -m leankv_hf.eval --suite eval/suites/needle.yaml \
 		--methods unified:leankv-agnostic --prefill-chunk 512
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 -m leankv_hf.eval --suite eval/suites/ruler_4k_n3.yaml
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 -m leankv_hf.eval --task needle --lengths 2048 --needles 3 \
 		--setting reuse --methods full,unified:leankv-agnostic --out eval/results/needle_reuse
 	OMP_NUM_THREADS=1 $(VENV)/bin/leankv bench --suite eval/suites/bench_peak.yaml
