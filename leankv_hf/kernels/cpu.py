@@ -294,6 +294,7 @@ def _step_kernel(first: tuple, second: tuple):
             planes_a(reduced[s], qa[s], sums_a[s])
             planes_b(reduced[s], qb[s], sums_b[s])
         probs = np.empty((n_tasks, padded, longest), np.float32)  # each task's own: no two threads share a line
+        powers = np.empty((n_tasks, longest), np.uint32)  # each task's powers of two for its exponentials (`_exp_less`)
         top = np.empty((n_tasks, heads), np.float32)
         mass = np.zeros((n_tasks, heads), np.float32)
         partial = np.zeros((n_tasks, heads, dim), np.float32)
@@ -314,7 +315,6 @@ def _step_kernel(first: tuple, second: tuple):
                         for d in range(dim):
                             x += query[s, h, d] * window_keys[s, r, d]
                         probs[t, h, r] = x if visible.shape[0] == 0 or visible[s, r] else np.float32(-np.inf)
-            powers = np.empty(longest, np.uint32)
             for h in range(heads):
                 row = probs[t, h, :count]
                 most = np.float32(-np.inf)
@@ -322,7 +322,7 @@ def _step_kernel(first: tuple, second: tuple):
                     row[j] *= scale
                     most = max(most, row[j])
                 if most > -np.inf:
-                    mass[t, h] = _exp_less(row, most, powers)
+                    mass[t, h] = _exp_less(row, most, powers[t])
                 else:  # nothing visible (or not a number): this task adds nothing
                     row[:] = 0
                 top[t, h] = most
