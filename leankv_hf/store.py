@@ -79,8 +79,13 @@ class Precision:
             )
 
     def encode(self, x: torch.Tensor) -> Encoded:
+        """``x[..., T, D]`` as stored: itself at 16 bits, else `quant.quantize`d (by one CPU kernel call where
+        `kernels.quantize` applies: the same bits)."""
         if not self.quantized:
             return x
+        fused = kernels.quantize(x, self.bits, self.group, self.axis, self.fmt, self.scale_dtype)
+        if fused is not None:
+            return fused
         return quantize(x, self.bits, self.group, axis=self.axis, fmt=self.fmt, scale_dtype=self.scale_dtype)
 
     def label(self) -> str:

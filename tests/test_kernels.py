@@ -191,6 +191,22 @@ def test_a_kernel_compiled_in_one_process_is_loaded_from_numbas_cache_in_the_nex
     assert len(keys[0]) == 3 and keys[0] == keys[1]
 
 
+def test_each_variant_of_a_kernel_has_its_own_cache_index():
+    """numba rewrites a function's cache index without a lock. Were the variants of one closure (a step kernel per mix
+    of precisions) to share one, two processes saving two of them at once could point an entry at the other's machine
+    code, which a later process would load and run out of bounds: a heap corruption seen after a test run whose
+    ``torchrun`` ranks compiled side by side. One index per variant."""
+    cpu = kernels.cpu
+    variants = [
+        cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1)),
+        cpu._step_kernel((8, 1, 8, 1), (4, 1, 4, 1)),
+        *cpu._kernels(8, 1),
+        *cpu._kernels(4, 2),
+    ]
+    indexes = {kernel._cache._cache_file._index_path for kernel in variants}
+    assert len(indexes) == len(variants)
+
+
 def test_a_new_python_thread_runs_the_kernels_on_torchs_thread_count_too():
     """numba's thread count is set per Python thread: a second thread (a server's worker) must get its own."""
     import threading
@@ -248,6 +264,33 @@ def test_sixteen_bit_scales_are_read_exactly(dtype):
     assert torch.equal(torch.from_numpy(out)[finite], patterns.float()[finite])
 
 
+def test_scores_are_written_as_float16_exactly_as_torch_rounds():
+    """The decode step writes each row's new score as float16 bits in place (`_half_bits`): torch's rounding for
+    every float32 around float16's range, its edges (largest finite, overflow, subnormals, ties) and the specials."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def write(values, out):
+        for i in range(values.shape[0]):
+            out[i] = kernels.cpu._half_bits(values[i])
+
+    torch.manual_seed(0)
+    spread = torch.randn(200_000) * torch.exp2(torch.randint(-30, 18, (200_000,)).float())
+    top, tiny = 65504.0, 2.0**-24
+    edges = torch.tensor([0.0, -0.0, top, 65519.99, 65520.0, 65536.0, 1e30, 2.0**-14, tiny, tiny / 2, tiny * 1.5])
+    halfway = (torch.arange(-2048, 2048).float() + 0.5) * tiny  # subnormal ties
+    ulp_ties = 1 + (torch.arange(0, 1024).float() + 0.5) * 2.0**-10  # normal ties between 1 and 2
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    values = torch.cat([spread, edges, -edges, halfway, ulp_ties, specials])
+    out = np.zeros(values.shape[0], np.uint16)
+    write(values.numpy(), out)
+    written = torch.from_numpy(out.view(np.int16)).view(torch.float16)
+    expected = values.half()
+    assert torch.equal(written.isnan(), expected.isnan())
+    assert torch.equal(written[~expected.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
+
+
 @pytest.mark.parametrize("n", [1, 4])
 def test_folded_scores_match_the_running_mean(monkeypatch, n):
     """Each row's running mean and age, from the scores its slot received: bit for bit the torch arithmetic."""
@@ -303,3 +346,39 @@ def test_generation_through_the_kernels_matches_the_padded_view(tiny_tok, monkey
     (fused, fused_tiers), (padded, padded_tiers) = run("1"), run("0")
     assert torch.equal(fused_tiers, padded_tiers)
     torch.testing.assert_close(fused, padded, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits, group", [(8, 32), (4, 16), (2, 8), (4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rows_are_quantized_in_one_call_to_the_same_bits(bits, group, dtype):
+    """`kernels.quantize` (what a store encodes with on CPU) against `quant.quantize`: the same codes, scales and zeros,
+    bit for bit, on rows of every scale, constant groups, tiny and huge values; a group with a NaN, an infinity or a
+    scale past float16 is NaN in both (the torch code leaves its codes as they fall, the kernel writes 0)."""
+    from leankv_hf.quant import quantize
+
+    torch.manual_seed(bits * group)
+    rows = torch.randn(4, 3, 50, 64) * torch.exp2(torch.randint(-20, 12, (4, 3, 50, 1)).float())
+    rows[0, 0, :5] = 3.0  # constant groups
+    rows[0, 1, :5] = 1e-9  # rounds to a zero zero
+    rows[0, 1, 5:10] = -1e-9
+    rows[1, 0, 0, 0], rows[1, 0, 1, 1], rows[1, 0, 2, 2] = float("nan"), float("inf"), -float("inf")
+    rows[1, 1, 0, :8] = torch.tensor([-60000.0, 60000.0] * 4)  # the scale overflows float16
+    rows = rows.to(dtype)
+    fused = kernels.quantize(rows, bits, group, "token", "int", torch.float16)
+    expected = quantize(rows, bits, group, scale_dtype=torch.float16)
+    assert fused.shape == expected.shape and fused.dtype == expected.dtype == dtype
+    bad = expected.scale.isnan()
+    assert torch.equal(fused.scale.isnan(), bad) and torch.equal(fused.zero.isnan(), bad) and bad.any()
+    assert torch.equal(fused.scale[~bad].view(torch.int16), expected.scale[~bad].view(torch.int16))
+    assert torch.equal(fused.zero[~bad].view(torch.int16), expected.zero[~bad].view(torch.int16))
+    good = (~bad).repeat_interleave(group * bits // 8, -1)  # the payload bytes of the finite groups
+    assert torch.equal(fused.payload[good], expected.payload[good])
+    assert torch.equal(fused.dequantize().isnan(), expected.dequantize().isnan())
+
+
+def test_rows_a_kernel_cannot_quantize_go_to_torch():
+    rows = torch.randn(2, 3, 64)
+    assert kernels.quantize(rows, 4, 32, "channel", "int", torch.float16) is None
+    assert kernels.quantize(rows, 8, 32, "token", "fp8", torch.float16) is None
+    assert kernels.quantize(rows, 4, 32, "token", "int", torch.bfloat16) is None
+    assert kernels.quantize(rows.double(), 4, 32, "token", "int", torch.float16) is None

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leankv_hf.policy import PRUNED, Candidates, ChunkKVPolicy, PyramidPolicy, QuestPolicy, TopKPolicy, sparse_policy
+from leankv_hf.policy import (
+    PRUNED,
+    Candidates,
+    ChunkKVPolicy,
+    PyramidPolicy,
+    QuestPolicy,
+    TopKPolicy,
+    sparse_policy,
+    topk_mask,
+)
 
 
 def candidates(
@@ -158,3 +167,20 @@ def test_quest_evicts_nothing():
 def test_quest_page_size_is_validated(page_size):
     with pytest.raises(ValueError, match=f"page_size={page_size!r}"):
         sparse_policy("quest", page_size=page_size)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["k per batch row", "k per head"])
+def test_topk_mask_keeps_what_a_stable_descending_sort_ranks_first(per_head):
+    """`topk_mask` against its definition (the ``k`` first slots of a stable descending sort): ties to the earlier
+    slot, -0.0 tied with 0.0, -inf last, NaN first, any ``k`` from 0 to past the row."""
+    torch.manual_seed(0)
+    scores = torch.randint(0, 6, (4, 3, 40)).float() / 4  # many ties
+    scores[0, 0, ::5], scores[1, 1, 3], scores[1, 1, 7] = -torch.inf, float("nan"), -0.0
+    scores[2] = torch.rand(3, 40)
+    k = torch.randint(0, 45, (4, 3) if per_head else (4,))
+    k[0] = 0
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(40).expand_as(order))
+    expected = rank < k.view(*k.shape, *([1] * (3 - k.dim())))
+    assert torch.equal(topk_mask(scores, k), expected)
+    assert topk_mask(scores, torch.full((4,), 40)).all()

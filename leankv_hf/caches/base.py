@@ -90,9 +90,9 @@ class CompressedLayer(CacheLayerMixin):
         that holds the cache's memory until a garbage collection."""
         new = key_states.shape[-2]
         keys, values = self.keys, self.values
-        if keys.dtype != key_states.dtype:
-            keys = torch.cat([keys[:, :, :-new].to(key_states.dtype), key_states], dim=-2)
-            values = torch.cat([values[:, :, :-new].to(value_states.dtype), value_states], dim=-2)
+        if keys.dtype != key_states.dtype:  # converted whole, then this step's tokens put back: cheaper than a cat
+            keys, values = keys.to(key_states.dtype), values.to(value_states.dtype)
+            keys[:, :, -new:], values[:, :, -new:] = key_states, value_states
         keys = keys.view_as(keys)
         setattr(keys, tag, self)
         return keys, values

@@ -47,6 +47,13 @@ def in_place(parts: list, segments: list[torch.Tensor], shape: tuple[int, int, i
     return backend.CodedRows(parts, segments, shape) if backend.fusable(parts) else None
 
 
+def quantize(x: torch.Tensor, bits: int, group: int, axis: str, fmt: str, scale_dtype: torch.dtype):
+    """`quant.quantize` in one kernel call (`cpu.quantize`: the same bits), or None where no kernel does it."""
+    if not enabled(x.device) or not cpu.quantizable(x, bits, group, axis, fmt, scale_dtype):
+        return None
+    return cpu.quantize(x, bits, group)
+
+
 def decode_step(keys, values, stores: list) -> cpu.DecodeStep | None:
     """A decode step over ``stores`` in one call (`cpu.DecodeStep`), where their readers ``keys``/``values`` (from
     `in_place`) are the CPU kernels' and there are at most two stores; else None (attention combines the readers'
@@ -63,6 +70,4 @@ def fold(scores: torch.Tensor, n: int, held: list[tuple], width: int, reduce: st
     if scores.device.type != "cpu":
         _gpu().fold(scores, n, held, width, reduce)
         return
-    folded = cpu.fold(scores, n, [(segment, store.scores, store.ages) for store, segment in held], reduce)
-    for (store, _), score in zip(held, folded, strict=True):
-        store.scores = score.half()
+    cpu.fold(scores, n, [(segment, store.scores, store.ages) for store, segment in held], reduce)

@@ -101,6 +101,20 @@ def _named(dispatchers: tuple, family: str) -> tuple:
     return dispatchers
 
 
+def _cached(name: str, **options):
+    """``numba.njit(cache=True, **options)``, the kernel named ``name`` (one name per variant). numba keeps one cache
+    index per function name, read, extended and rewritten without a lock: two processes saving two variants of one
+    closure at once (the ranks of a ``torchrun``, each compiling as it goes) can both give the next file to their own
+    entry, so that a later process loads one variant's machine code for the other, which reads and writes out of
+    bounds. With one index per variant, processes saving at once save the same kernel."""
+
+    def jit(function):
+        function.__qualname__ = name
+        return numba.njit(cache=True, **options)(function)
+
+    return jit
+
+
 @functools.cache
 def _routines(bits: int, groups: int):
     """What the kernels do with one store's rows, for packed ``bits``-bit codes in ``groups`` quantization groups per
@@ -215,7 +229,7 @@ def _kernels(bits: int, groups: int):
     planes, score, weigh, unplane = _routines(bits, groups)
     per = max(8 // bits, 1)
 
-    @numba.njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
+    @_cached(f"scores_{bits}_{groups}", fastmath=True, boundscheck=False, parallel=True)
     def scores(query, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r, slot] = query[s, r] . row`` for ``query[S, R, D]``."""
         segments, rows, dim = query.shape
@@ -229,7 +243,7 @@ def _kernels(bits: int, groups: int):
                 q[s], sums[s], rows, codes, scale, zero, powers, mantissa, tasks[t, 1], tasks[t, 2], out[s], tasks[t, 3]
             )
 
-    @numba.njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
+    @_cached(f"weighed_{bits}_{groups}", fastmath=True, boundscheck=False, parallel=True)
     def weighed(probs, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r] += sum_j probs[s, r, slot + j] * row`` for ``out[S, R, D]``. Each task sums into its own planes;
         then, in task order (so the sum does not depend on the thread count), they are added to their segment's."""
@@ -264,7 +278,7 @@ def _step_kernel(first: tuple, second: tuple):
     per_ka, per_kb, per_va, per_vb = (max(8 // bits, 1) for bits in (first[0], second[0], first[2], second[2]))
     groups_ka, groups_kb, groups_va, groups_vb = first[1], second[1], first[3], second[3]
 
-    @numba.njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
+    @_cached("step_" + "_".join(map(str, first + second)), fastmath=True, boundscheck=False, parallel=True)
     def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, rows_a, rows_b,
              half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
         """One query per (segment, query head) attends the stores' rows and the exact window; the attention each row
@@ -274,7 +288,7 @@ def _step_kernel(first: tuple, second: tuple):
         coefficients), ``window_keys``/``window_values`` ``[S, R, D]`` float32, ``visible[S, R]`` (shape ``(0, 0)``: all
         visible). ``stored_*``: a store's key and value codes, scales, zeros and how to read them. ``tasks[T, 4]``:
         ``(store, segment, first row, rows)``; each segment's window is one more task after them. ``rows_*``: a
-        store's running scores (fp16 bits), ages (updated here) and new scores (float32, written here).
+        store's running scores (fp16 bits) and ages, both updated here.
         ``recent``/``recent_ages`` ``[S, R]``: the window's, updated here. ``peak``: scores keep their maximum, else a
         running mean (`store.fold_scores`)."""
         segments, heads, dim = query.shape
@@ -460,15 +474,33 @@ if numba is not None:
         return max(old, seen) if peak else (old * weight + seen) / (weight + n)
 
     @numba.njit(inline="always")
+    def _half_bits(x):  # pragma: no cover (jit)
+        """The float16 bit pattern of float32 ``x``, rounded to the nearest (ties to even) as torch rounds: past
+        float16's range it is infinite, a NaN stays NaN, below its smallest normal it is a multiple of ``2**-24``."""
+        u = np.float32(x).view(np.uint32)
+        sign = (u >> 16) & 0x8000
+        a = u & 0x7FFFFFFF
+        if a > 0x7F800000:
+            return np.uint16(sign | 0x7E00)
+        if a >= 0x47800000:  # 2**16 or more: infinite (from 65520 on, rounding below carries into infinity too)
+            return np.uint16(sign | 0x7C00)
+        if a < 0x38800000:  # times 2**24 is exact, and rint rounds ties to even
+            return np.uint16(sign | np.uint32(np.rint(abs(np.float32(x)) * np.float32(16777216.0))))
+        h = (a >> 13) - 0x1C000  # exponent re-biased from 127 to 15, 10 mantissa bits
+        rest = a & 0x1FFF
+        h += (rest > 0x1000) | ((rest == 0x1000) & (h & 1))
+        return np.uint16(sign | h)
+
+    @numba.njit(inline="always")
     def _fold_one(received, by_max, peak, rows, i, half):  # pragma: no cover (jit)
-        """Row ``i`` of a store (``rows``: its fp16 score bits, ages, new scores) received ``received`` from one query
-        per query head: one observation, as `_fold` folds them."""
+        """Row ``i`` of a store (``rows``: its fp16 score bits and ages, updated in place) received ``received`` from
+        one query per query head: one observation, as `_fold` folds them."""
         weight = np.float32(rows[1][i])
         old = _float16(rows[0][i], half[0], half[1])
-        rows[2][i] = _running(old, _combine(received, by_max), weight, np.float32(1), peak)
+        rows[0][i] = _half_bits(_running(old, _combine(received, by_max), weight, np.float32(1), peak))
         rows[1][i] = min(weight + 1, 255.0)
 
-    _named((_float16, _row16, _exp_less, _task, _combine, _running, _fold_one), "helpers")
+    _named((_float16, _row16, _exp_less, _task, _combine, _running, _half_bits, _fold_one), "helpers")
 
     @numba.njit(parallel=True)
     def _noop(x):  # pragma: no cover (jit)
@@ -477,31 +509,101 @@ if numba is not None:
             x[i] = 0
 
     @numba.njit(boundscheck=False, cache=True)
-    def _fold(scores, starts, counts, offsets, n, peak, score, powers, mantissa, ages, out):  # pragma: no cover (jit)
+    def _fold(scores, starts, counts, offsets, n, peak, score, powers, mantissa, ages):  # pragma: no cover (jit)
         """Row ``i = starts[s] + j`` received ``scores[s, offsets[s] + j]`` over ``n`` queries (their sum, or with
-        ``peak`` their maximum): its new score goes to ``out[i]`` (the old one read from its fp16 bits),
-        its age saturates at 255. The arithmetic is `store.fold_scores`'s, in the same order (no fastmath)."""
+        ``peak`` their maximum): its score (fp16 bits) becomes the new one, its age saturates at 255. The arithmetic
+        is `store.fold_scores`'s, in the same order (no fastmath)."""
         for s in range(counts.shape[0]):
             for j in range(counts[s]):
                 i = starts[s] + j
                 weight = np.float32(ages[i])
                 old = _float16(score[i], powers, mantissa)
-                out[i] = _running(old, scores[s, offsets[s] + j], weight, np.float32(n), peak)
+                score[i] = _half_bits(_running(old, scores[s, offsets[s] + j], weight, np.float32(n), peak))
                 ages[i] = min(weight + np.float32(n), 255.0)
 
+    @numba.njit(inline="always")
+    def _half_outward(x, up, powers, mantissa):  # pragma: no cover (jit)
+        """The float16 bits nearest ``x`` on one side: at least ``x`` (``up``) or at most, as `quant.groupwise`
+        rounds a scale or zero (to nearest, then one step outward where that went the wrong way)."""
+        h = _half_bits(x)
+        if (h & 0x7C00) == 0x7C00:  # infinite (or NaN): no step
+            return h
+        back = _float16(h, powers, mantissa)
+        if (back < x) if up else (back > x):
+            if (h & 0x7FFF) == 0:  # a zero steps to the smallest subnormal of the side it goes to
+                return np.uint16(0x0001 if up else 0x8001)
+            return np.uint16(h + 1 if (h < 0x8000) == up else h - 1)
+        return h
 
-def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean") -> list[torch.Tensor]:
+    @numba.njit(parallel=True, boundscheck=False, cache=True)
+    def _quantize(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
+        """`quant.quantize` of rows ``x[N, D]`` (float32) for per-token groups of ``group`` channels, int codes and
+        float16 scale/zero, in one pass per row: the same arithmetic in the same order (no fastmath), so the same
+        bits. ``payload[N, D * bits / 8]`` (packed as `quant.packing` packs), ``scale``/``zero`` ``[N, D / group]``
+        (fp16 bits) are written. A group holding a NaN or an infinity, or whose scale overflows, gets NaN scale and
+        zero and codes 0."""
+        rows, dim = x.shape
+        levels = (1 << bits) - 1
+        per = 8 // bits
+        for i in numba.prange(rows):
+            payload[i, :] = 0
+            for g in range(dim // group):
+                lo, hi, finite = x[i, g * group], x[i, g * group], True
+                for d in range(g * group, (g + 1) * group):
+                    v = x[i, d]
+                    finite = finite and np.isfinite(v)
+                    lo, hi = min(lo, v), max(hi, v)
+                low = _half_outward(lo, False, powers, mantissa)
+                z = _float16(low, powers, mantissa)
+                step = _half_outward((hi - z) / np.float32(levels), True, powers, mantissa)
+                if not finite or (low & 0x7C00) == 0x7C00 or (step & 0x7C00) == 0x7C00:
+                    scale[i, g], zero[i, g] = 0x7E00, 0x7E00
+                    continue
+                scale[i, g], zero[i, g] = step, low
+                s = _float16(step, powers, mantissa)
+                safe = s if s > 0 else np.float32(1)  # scale 0: a constant group, every code 0
+                for d in range(g * group, (g + 1) * group):
+                    code = min(max(np.rint((x[i, d] - z) / safe), np.float32(0)), np.float32(levels))
+                    payload[i, d // per] |= np.uint8(np.uint8(code) << ((d % per) * bits))
+
+
+def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean") -> None:
     """`store.fold_scores` for the rows of several stores, reading ``scores[B, H, W]`` at their slots: per store
-    ``(segments, score, ages)`` (``segments`` per `PaddedLayout.segments`, ``score`` fp16); returns each store's new
-    float32 scores and updates its ``ages`` (uint8) in place."""
+    ``(segments, score, ages)`` (``segments`` per `PaddedLayout.segments`, ``score`` fp16), both updated in place."""
     flat = scores.float().flatten(0, 1).contiguous().numpy()
     half = _powers(torch.float16)
-    folded = []
     for segments, score, ages in stores:
-        out = torch.empty(score.shape[0])
-        _fold(flat, *(t.numpy() for t in segments), n, reduce == "max", _bits(score), *half, ages.numpy(), out.numpy())
-        folded.append(out)
-    return folded
+        _fold(flat, *(t.numpy() for t in segments), n, reduce == "max", _bits(score), *half, ages.numpy())
+
+
+def quantizable(x: torch.Tensor, bits: int, group: int, axis: str, fmt: str, scale_dtype: torch.dtype) -> bool:
+    """Whether `quantize` does ``quant.quantize(x, bits, group, axis, fmt, scale_dtype)``: rows on CPU in a float type
+    of at most 32 bits, int codes in per-token groups that tile a row, float16 scales."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, *_SIXTEEN_BIT)
+        and x.dim() >= 2
+        and fmt == "int"
+        and axis == "token"
+        and scale_dtype == torch.float16
+        and bits in (2, 4, 8)
+        and x.shape[-1] % group == 0
+        and x.shape[-1] % (8 // bits) == 0
+    )
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> QuantizedTensor:
+    """`quant.quantize` of ``x[..., T, D]`` where `quantizable`, in one kernel call: a compaction's re-encoding is a
+    few dozen torch operations on a few rows, which cost more than the arithmetic."""
+    *lead, dim = x.shape
+    rows = x.reshape(-1, dim).float().contiguous()
+    payload = torch.empty(rows.shape[0], dim * bits // 8, dtype=torch.uint8)
+    scale, zero = (torch.empty(rows.shape[0], dim // group, dtype=torch.float16) for _ in range(2))
+    _use_torch_threads()
+    _run(_quantize, rows.numpy(), bits, group, *_powers(torch.float16), payload.numpy(), _bits(scale), _bits(zero))
+    return QuantizedTensor(
+        payload.view(*lead, -1), scale.view(*lead, -1), zero.view(*lead, -1), bits, group, "token", "int", dim, x.dtype
+    )
 
 
 _compiled = [False]  # whether a kernel was compiled since the last call (`_run`)
@@ -670,11 +772,8 @@ class DecodeStep:
             seen = np.zeros((0, 0), np.bool_)
         else:
             seen = visible[:, None].expand(-1, heads, -1).reshape(flat, -1).contiguous().numpy()
-        fresh = [torch.empty(store.rows) for store in self.stores]
-        scores = [
-            (_bits(store.scores), store.ages.numpy(), new.numpy())
-            for store, new in zip(self.stores, fresh, strict=True)
-        ]
+        # Scores and ages in place: the store's own tensors, replaced (not changed) only when it is compacted
+        scores = [(_bits(store.scores), store.ages.numpy()) for store in self.stores]
         out = torch.empty(flat, groups, dim)
         _run(
             self.kernel, rows(query), rows(reduced), rows(keys), rows(values), seen, np.float32(scale),
@@ -682,6 +781,4 @@ class DecodeStep:
             _powers(torch.float16), peak, by_max, recent.view(flat, -1).numpy(), recent_ages.view(flat, -1).numpy(),
             out.numpy(),
         )  # fmt: skip
-        for store, new in zip(self.stores, fresh, strict=True):
-            store.scores = new.half()
         return out.view(batch, heads, groups, dim).to(query.dtype)
