@@ -292,7 +292,9 @@ class LeanKVPolicy(Policy):
     def tier_of(self, c: Candidates) -> torch.Tensor:
         uniform = 1.0 / c.context.view(-1, 1, 1).float()
         high = c.scores >= self.alpha_quant * uniform
-        low = (c.scores >= self.alpha_prune * uniform) & topk_mask(c.scores, c.budget)
+        low = c.scores >= self.alpha_prune * uniform
+        if bool((c.valid.sum(-1) > c.budget.view(-1, 1)).any()):  # else every head keeps all it may: nothing to rank
+            low &= topk_mask(c.scores, c.budget)
         tier = torch.full_like(c.positions, PRUNED, dtype=torch.int8)
         tier = torch.where(low, torch.ones_like(tier) if self.tiers > 1 else torch.zeros_like(tier), tier)
         return torch.where(high & low, torch.zeros_like(tier), tier)

@@ -191,20 +191,23 @@ def test_a_kernel_compiled_in_one_process_is_loaded_from_numbas_cache_in_the_nex
     assert len(keys[0]) == 3 and keys[0] == keys[1]
 
 
-def test_each_variant_of_a_kernel_has_its_own_cache_index():
-    """numba rewrites a function's cache index without a lock. Were the variants of one closure (a step kernel per mix
-    of precisions) to share one, two processes saving two of them at once could point an entry at the other's machine
-    code, which a later process would load and run out of bounds: a heap corruption seen after a test run whose
-    ``torchrun`` ranks compiled side by side. One index per variant."""
+def test_every_variant_of_a_kernel_and_of_its_routines_has_a_name_of_its_own():
+    """numba names a function's machine code by its name and a number counted per process, and a cached kernel carries
+    the routines it calls under those names. Named alike, two variants of a routine (``score`` reading 8-bit codes,
+    ``score`` reading 4-bit ones) compiled in two processes could end up under one name in two cached kernels, and a
+    process loading both linked one for both: after a test run had cached kernels from several processes, the next run
+    got wrong outputs and a corrupted heap. numba also keeps one cache index per name, rewritten without a lock."""
     cpu = kernels.cpu
-    variants = [
+    kernels_ = [
         cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1)),
         cpu._step_kernel((8, 1, 8, 1), (4, 1, 4, 1)),
         *cpu._kernels(8, 1),
         *cpu._kernels(4, 2),
     ]
-    indexes = {kernel._cache._cache_file._index_path for kernel in variants}
-    assert len(indexes) == len(variants)
+    routines = [*cpu._routines(8, 1), *cpu._routines(4, 1), *cpu._routines(4, 2), *cpu._routines(16, 1)]
+    names = [function.py_func.__qualname__ for function in kernels_ + routines]
+    assert len(set(names)) == len(names)
+    assert len({kernel._cache._cache_file._index_path for kernel in kernels_}) == len(kernels_)
 
 
 def test_a_new_python_thread_runs_the_kernels_on_torchs_thread_count_too():

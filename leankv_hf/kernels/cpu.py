@@ -101,16 +101,17 @@ def _named(dispatchers: tuple, family: str) -> tuple:
     return dispatchers
 
 
-def _cached(name: str, **options):
-    """``numba.njit(cache=True, **options)``, the kernel named ``name`` (one name per variant). numba keeps one cache
-    index per function name, read, extended and rewritten without a lock: two processes saving two variants of one
-    closure at once (the ranks of a ``torchrun``, each compiling as it goes) can both give the next file to their own
-    entry, so that a later process loads one variant's machine code for the other, which reads and writes out of
-    bounds. With one index per variant, processes saving at once save the same kernel."""
+def _variant(name: str, cache: bool = False, **options):
+    """``numba.njit(cache=cache, **options)`` of a function named ``name``: one name per variant of a closure. numba
+    names a function's machine code by its name and a number counted per process, and a cached kernel carries the code
+    of the routines it calls under those names; so two kernels compiled in two processes could each hold a different
+    variant of a routine under one name, and a process loading both would link one for both (wrong products, reads
+    and writes out of bounds). numba also keeps one cache index per name, rewritten without a lock: per variant,
+    processes saving at once save the same kernel."""
 
     def jit(function):
         function.__qualname__ = name
-        return numba.njit(cache=True, **options)(function)
+        return numba.njit(cache=cache, **options)(function)
 
     return jit
 
@@ -128,7 +129,7 @@ def _routines(bits: int, groups: int):
     per = max(8 // bits, 1)
     mask = (1 << bits) - 1
 
-    @numba.njit(fastmath=True, boundscheck=False)
+    @_variant(f"planes_{bits}_{groups}", fastmath=True, boundscheck=False)
     def planes(query, q, sums):  # pragma: no cover (jit)
         """``q[r, p, b] = query[r, per * b + p]`` for ``query[R, D]``, and ``sums[r, g]`` its sum over each group (what
         the zeros multiply); rows of ``q`` past ``R`` are left as they are (zero: a block of four reads them)."""
@@ -139,7 +140,7 @@ def _routines(bits: int, groups: int):
                 q[r, d % per, d // per] = query[r, d]
                 sums[r, d // per // width] += query[r, d]
 
-    @numba.njit(fastmath=True, boundscheck=False)
+    @_variant(f"score_{bits}_{groups}", fastmath=True, boundscheck=False)
     def score(q, sums, rows, codes, scale, zero, powers, mantissa, first, count, out, slot):  # pragma: no cover (jit)
         """``out[r, slot + j] = query[r] . row`` for row ``first + j`` (``j < count``) and the ``rows`` real query rows
         in planes (`planes`), a row being ``codes * scale + zero`` per group (16-bit scale and zero read by
@@ -179,7 +180,7 @@ def _routines(bits: int, groups: int):
                     if r + k < rows:
                         out[r + k, slot + j] = total
 
-    @numba.njit(fastmath=True, boundscheck=False)
+    @_variant(f"weigh_{bits}_{groups}", fastmath=True, boundscheck=False)
     def weigh(probs, rows, codes, scale, zero, powers, mantissa, first, count, slot, acc, zeros):  # pragma: no cover
         """``acc[r]`` (planes) ``+= sum_j probs[r, slot + j] * codes * scale`` over rows ``first + j``, and ``zeros[r,
         g] += probs * zero`` per group: `unplane` adds them up. Each row's codes are converted once, into float
@@ -209,7 +210,7 @@ def _routines(bits: int, groups: int):
                         for b in range(g * width, g * width + width):
                             acc[r, p, b] += ws * x[p, b]
 
-    @numba.njit(fastmath=True, boundscheck=False)
+    @_variant(f"unplane_{bits}_{groups}", fastmath=True, boundscheck=False)
     def unplane(acc, zeros, out):  # pragma: no cover (jit)
         """``out[r, d] +=`` what `weigh` summed for dim ``d`` of query row ``r``."""
         rows, dim = out.shape
@@ -229,7 +230,7 @@ def _kernels(bits: int, groups: int):
     planes, score, weigh, unplane = _routines(bits, groups)
     per = max(8 // bits, 1)
 
-    @_cached(f"scores_{bits}_{groups}", fastmath=True, boundscheck=False, parallel=True)
+    @_variant(f"scores_{bits}_{groups}", cache=True, fastmath=True, boundscheck=False, parallel=True)
     def scores(query, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r, slot] = query[s, r] . row`` for ``query[S, R, D]``."""
         segments, rows, dim = query.shape
@@ -243,7 +244,7 @@ def _kernels(bits: int, groups: int):
                 q[s], sums[s], rows, codes, scale, zero, powers, mantissa, tasks[t, 1], tasks[t, 2], out[s], tasks[t, 3]
             )
 
-    @_cached(f"weighed_{bits}_{groups}", fastmath=True, boundscheck=False, parallel=True)
+    @_variant(f"weighed_{bits}_{groups}", cache=True, fastmath=True, boundscheck=False, parallel=True)
     def weighed(probs, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r] += sum_j probs[s, r, slot + j] * row`` for ``out[S, R, D]``. Each task sums into its own planes;
         then, in task order (so the sum does not depend on the thread count), they are added to their segment's."""
@@ -278,7 +279,7 @@ def _step_kernel(first: tuple, second: tuple):
     per_ka, per_kb, per_va, per_vb = (max(8 // bits, 1) for bits in (first[0], second[0], first[2], second[2]))
     groups_ka, groups_kb, groups_va, groups_vb = first[1], second[1], first[3], second[3]
 
-    @_cached("step_" + "_".join(map(str, first + second)), fastmath=True, boundscheck=False, parallel=True)
+    @_variant("step_" + "_".join(map(str, first + second)), cache=True, fastmath=True, boundscheck=False, parallel=True)
     def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, rows_a, rows_b,
              half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
         """One query per (segment, query head) attends the stores' rows and the exact window; the attention each row
@@ -765,20 +766,21 @@ class DecodeStep:
         batch, heads, groups, dim = query.shape
         flat = batch * heads
 
-        def rows(t: torch.Tensor) -> np.ndarray:
-            return t.float().reshape(flat, *t.shape[2:]).contiguous().numpy()
+        def rows(t: torch.Tensor) -> np.ndarray:  # numpy's reshape and copy cost less per call than torch's
+            t = t if t.dtype == torch.float32 else t.float()
+            return np.ascontiguousarray(t.numpy().reshape(flat, *t.shape[2:]))
 
+        queries = rows(query)
         if visible is None:
             seen = np.zeros((0, 0), np.bool_)
         else:
-            seen = visible[:, None].expand(-1, heads, -1).reshape(flat, -1).contiguous().numpy()
-        # Scores and ages in place: the store's own tensors, replaced (not changed) only when it is compacted
-        scores = [(_bits(store.scores), store.ages.numpy()) for store in self.stores]
-        out = torch.empty(flat, groups, dim)
+            seen = np.ascontiguousarray(np.broadcast_to(visible.numpy()[:, None], (batch, heads, visible.shape[-1])))
+            seen = seen.reshape(flat, -1)
+        scores = [(_bits(store.scores), store.ages.numpy()) for store in self.stores]  # both updated in place
+        out = np.empty((flat, groups, dim), np.float32)
         _run(
-            self.kernel, rows(query), rows(reduced), rows(keys), rows(values), seen, np.float32(scale),
-            self.stored[0], self.stored[-1], self.tasks, scores[0], scores[-1],
-            _powers(torch.float16), peak, by_max, recent.view(flat, -1).numpy(), recent_ages.view(flat, -1).numpy(),
-            out.numpy(),
+            self.kernel, queries, queries if reduced is query else rows(reduced), rows(keys), rows(values), seen,
+            np.float32(scale), self.stored[0], self.stored[-1], self.tasks, scores[0], scores[-1],
+            _powers(torch.float16), peak, by_max, recent.view(flat, -1).numpy(), recent_ages.view(flat, -1).numpy(), out,
         )  # fmt: skip
-        return out.view(batch, heads, groups, dim).to(query.dtype)
+        return torch.from_numpy(out).view(batch, heads, groups, dim).to(query.dtype)
