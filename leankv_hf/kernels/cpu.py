@@ -16,7 +16,8 @@ kernels cost more than the kernels; the one-call step removes them.
 Used for stores on CPU whose rows are int codes with per-token groups or 16-bit floats, when numba is installed
 (the ``cpu`` extra); everything else takes the padded view. Both give the same products up to float summation order.
 A kernel compiles at its first call for each mix of precisions (tens of seconds) and numba caches it on disk, so
-later processes load it (`_named`).
+later processes load it (`_named`); every variant has a name of its own, so that no two cached kernels hold different
+routines under one name (`_variant`).
 """
 
 from __future__ import annotations
