@@ -6,7 +6,8 @@ layer compacts; end-to-end decode timings on a shared VM drift by more than a ch
     PYTHONPATH=<an older checkout> OMP_NUM_THREADS=2 python eval/compact_bench.py ...   # an A/B
 
 Prefills the prompt, decodes until the window is one token short of a compaction, then times ``compact()`` on
-copies of one layer (each compacts once), the median over ``--repeats`` rounds of ``--copies`` copies.
+copies of one layer (each compacts once), the median over ``--repeats`` rounds (less the first three, a warm-up) of
+``--copies`` copies.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
+    if args.repeats < 4:
+        parser.error(f"--repeats={args.repeats}: the first 3 rounds warm up, so at least 4")
     model, tokenizer = load_model("smollm2-135m")
     ids = torch.tensor([bench_prompt(tokenizer, args.length, 0, model.config.vocab_size)])
     with torch.inference_mode():

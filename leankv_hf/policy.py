@@ -41,7 +41,7 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     fraction of a full sort of floats (the ranking is most of a compaction's time on CPU). One host read."""
     n = scores.shape[-1]
     k = k.view(*k.shape, *([1] * (scores.dim() - k.dim())))
-    least, most = (int(bound) for bound in torch.aminmax(k)) if k.numel() else (n, n)
+    least, most = torch.stack(torch.aminmax(k)).tolist() if k.numel() else (n, n)
     if least >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 ties with 0.0

@@ -195,8 +195,8 @@ def test_every_variant_of_a_kernel_and_of_its_routines_has_a_name_of_its_own():
     """numba names a function's machine code by its name and a number counted per process, and a cached kernel carries
     the routines it calls under those names. Named alike, two variants of a routine (``score`` reading 8-bit codes,
     ``score`` reading 4-bit ones) compiled in two processes could end up under one name in two cached kernels, and a
-    process loading both linked one for both: after a test run had cached kernels from several processes, the next run
-    got wrong outputs and a corrupted heap. numba also keeps one cache index per name, rewritten without a lock."""
+    process loading both linked one for both: after test runs had cached kernels from several processes, the next run
+    got wrong outputs, and a bench loading two presets' kernels corrupted its heap. numba also keeps one cache index per name, rewritten without a lock."""
     cpu = kernels.cpu
     kernels_ = [
         cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1)),

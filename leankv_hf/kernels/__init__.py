@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..quant import QuantizedTensor
 from . import cpu
 
 
@@ -47,7 +48,9 @@ def in_place(parts: list, segments: list[torch.Tensor], shape: tuple[int, int, i
     return backend.CodedRows(parts, segments, shape) if backend.fusable(parts) else None
 
 
-def quantize(x: torch.Tensor, bits: int, group: int, axis: str, fmt: str, scale_dtype: torch.dtype):
+def quantize(
+    x: torch.Tensor, bits: int, group: int, axis: str, fmt: str, scale_dtype: torch.dtype
+) -> QuantizedTensor | None:
     """`quant.quantize` in one kernel call (`cpu.quantize`: the same bits), or None where no kernel does it."""
     if not enabled(x.device) or not cpu.quantizable(x, bits, group, axis, fmt, scale_dtype):
         return None
