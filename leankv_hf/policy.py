@@ -133,26 +133,27 @@ class Policy:
     def select(self, c: Candidates) -> torch.Tensor:
         raise NotImplementedError
 
-    def assign(self, c: Candidates) -> torch.Tensor:
-        """Tiers for ``c``: sinks at tier 0, padding pruned, the rest by `tier_of`. A token whose score is not a
-        number (a NaN key or value in the model poisons the attention it receives) ranks below every real score: it
-        is kept only where the budget exceeds the tokens with real scores."""
+    def ranked(self, c: Candidates) -> Candidates:
+        """What `tier_of` ranks: the tokens free to go (not sinks, not padding), scored as this policy ranks them
+        (pooled), the others at -inf, the budget less the sinks. A token whose score is not a number (a NaN key or
+        value in the model poisons the attention it receives) ranks below every real score: it is kept only where
+        the budget exceeds the tokens with real scores."""
         free = c.valid & ~c.sink
         sinks = (c.sink & c.valid).sum(-1).amax(-1)
         scores = c.scores.masked_fill(~free | c.scores.isnan(), float("-inf"))
-        masked = Candidates(
+        return replace(
+            c,
             scores=self.pooled(scores, c.positions),
-            positions=c.positions,
             valid=free,
-            sink=c.sink,
             budget=(c.budget - sinks).clamp_min(0),
             capacity=(c.capacity - sinks).clamp_min(0),
-            context=c.context,
-            layer_idx=c.layer_idx,
-            num_layers=c.num_layers,
         )
-        tier = self.tier_of(masked)
-        tier = torch.where(free, tier, torch.full_like(tier, PRUNED))
+
+    def assign(self, c: Candidates) -> torch.Tensor:
+        """Tiers for ``c``: sinks at tier 0, padding pruned, the rest by `tier_of` (of what it `ranked`)."""
+        ranked = self.ranked(c)
+        tier = self.tier_of(ranked)
+        tier = torch.where(ranked.valid, tier, torch.full_like(tier, PRUNED))
         return torch.where(c.sink & c.valid, torch.zeros_like(tier), tier)
 
     def tier_of(self, c: Candidates) -> torch.Tensor:

@@ -115,6 +115,21 @@ def test_pooling_runs_over_neighbouring_positions_not_slots():
     assert sorted(positions[keep].tolist()) == [5, 6, 7]
 
 
+def test_ranked_is_what_the_policy_ranks_and_assign_follows_it():
+    """`Policy.ranked` (what `share_budget` compares across layers, `LeanLayer.competing`): pooled scores of the
+    tokens free to go; sinks, padding and NaN scores at -inf; the budget less the sinks. `assign` keeps its best."""
+    scores = torch.tensor([9.0, 0.1, 0.2, 5.0, 0.3, 0.4, float("nan"), 0.5, 0.6, 0.7])
+    c = candidates(10, 5, sinks=1, scores=scores)
+    c.valid[..., 9] = False  # padding
+    ranked = TopKPolicy(pooling=3).ranked(c)
+    inf = float("-inf")
+    assert ranked.scores.view(-1).tolist() == pytest.approx([inf, 0.2, 5.0, 5.0, 5.0, 0.4, inf, 0.6, 0.6, inf])
+    assert ranked.valid.view(-1).tolist() == [False] + [True] * 8 + [False]
+    assert ranked.budget.tolist() == [4]
+    keep = TopKPolicy(pooling=3).assign(c).view(-1) != PRUNED
+    assert keep.nonzero().view(-1).tolist() == [0, 2, 3, 4, 7]  # the sink, then the best 4 (ties: earlier slot)
+
+
 # --------------------------------------------------------------------------- quest
 
 

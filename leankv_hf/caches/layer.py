@@ -297,50 +297,14 @@ class LeanLayer(CompressedLayer):
     def compact(self) -> None:
         """Re-rank stored tokens and those leaving the recent window; move each to its tier or prune it."""
         s = self.settings
-        batch, heads, window = self.keys.shape[:3]
+        batch, heads = self.keys.shape[:2]
         n_exit = self._exiting()
         if n_exit == 0 and not any(t.rows for t in self.tiers):
             return
-        start = self.seen - window
-        exit_pos = torch.arange(start, start + n_exit, device=self.device).expand(batch, heads, n_exit)
-        sources = [
-            (t.scores.float(), t.positions.long(), segments := t.segments(), t.ranks(segments), t) for t in self.tiers
-        ]
-        counts = [t.counts for t in self.tiers]
-        width = int(sum(counts).max()) + n_exit
-
-        scores = torch.zeros(batch * heads, width, device=self.device)
-        positions = torch.zeros(batch * heads, width, dtype=torch.long, device=self.device)
-        valid = torch.zeros(batch * heads, width, dtype=torch.bool, device=self.device)
-        slot_of = []
-        base = torch.zeros(batch * heads, dtype=torch.long, device=self.device)
-        for tier_scores, tier_pos, segments, ranks, tier in sources:
-            slot = base[segments] + ranks
-            scores[segments, slot], positions[segments, slot], valid[segments, slot] = tier_scores, tier_pos, True
-            slot_of.append((segments, slot))
-            base = base + tier.counts.flatten()
-        exit_slot = base[:, None] + torch.arange(n_exit, device=self.device)
+        candidates, slot_of, exit_slot = self._candidates()
+        width = candidates.scores.shape[-1]
         rows = torch.arange(batch * heads, device=self.device)[:, None]
-        scores[rows, exit_slot] = self.recent_scores[..., :n_exit].reshape(batch * heads, n_exit)
-        positions[rows, exit_slot] = exit_pos.reshape(batch * heads, n_exit)
-        valid[rows, exit_slot] = (
-            self.recent_valid[:, None, :n_exit].expand(-1, heads, -1).reshape(batch * heads, n_exit)
-        )
-
-        shape = (batch, heads, width)
-        context = self._context()
-        staying = self.recent_valid[:, n_exit:].sum(-1)  # real tokens that stay in the exact window
-        candidates = Candidates(
-            scores=scores.view(shape),
-            positions=positions.view(shape),
-            valid=valid.view(shape),
-            sink=(positions.view(shape) < (self.padding + s.sink).view(-1, 1, 1)) & valid.view(shape),
-            budget=context - staying if s.budget is None else (self._allowance(context) - staying).clamp_min(0),
-            capacity=context - staying,
-            context=context,
-            layer_idx=self.layer_idx,
-            num_layers=self.num_layers,
-        )
+        exit_pos = candidates.positions.view(batch * heads, width)[rows, exit_slot].view(batch, heads, n_exit)
         target = s.policy.assign(candidates)
         if s.budget_bytes is not None:
             target = self._fit_budget(target, candidates)
@@ -382,6 +346,51 @@ class LeanLayer(CompressedLayer):
         self.recent_ages = self.recent_ages[..., n_exit:].clone()
         self.recent_valid = self.recent_valid[:, n_exit:].clone()
 
+    def _candidates(self) -> tuple[Candidates, list, torch.Tensor]:
+        """What the next compaction ranks, per (batch, head): the stored rows of every tier, then the tokens leaving
+        the exact window; with each tier's ``(segments, slots)`` and the leaving tokens' slots ``[B * H, exiting]``."""
+        s = self.settings
+        batch, heads, window = self.keys.shape[:3]
+        n_exit = self._exiting()
+        start = self.seen - window
+        exit_pos = torch.arange(start, start + n_exit, device=self.device).expand(batch, heads, n_exit)
+        width = int(sum(t.counts for t in self.tiers).max()) + n_exit
+        scores = torch.zeros(batch * heads, width, device=self.device)
+        positions = torch.zeros(batch * heads, width, dtype=torch.long, device=self.device)
+        valid = torch.zeros(batch * heads, width, dtype=torch.bool, device=self.device)
+        slot_of = []
+        base = torch.zeros(batch * heads, dtype=torch.long, device=self.device)
+        for tier in self.tiers:
+            segments = tier.segments()
+            slot = base[segments] + tier.ranks(segments)
+            scores[segments, slot], positions[segments, slot] = tier.scores.float(), tier.positions.long()
+            valid[segments, slot] = True
+            slot_of.append((segments, slot))
+            base = base + tier.counts.flatten()
+        exit_slot = base[:, None] + torch.arange(n_exit, device=self.device)
+        rows = torch.arange(batch * heads, device=self.device)[:, None]
+        scores[rows, exit_slot] = self.recent_scores[..., :n_exit].reshape(batch * heads, n_exit)
+        positions[rows, exit_slot] = exit_pos.reshape(batch * heads, n_exit)
+        valid[rows, exit_slot] = (
+            self.recent_valid[:, None, :n_exit].expand(-1, heads, -1).reshape(batch * heads, n_exit)
+        )
+
+        shape = (batch, heads, width)
+        context = self._context()
+        staying = self.recent_valid[:, n_exit:].sum(-1)  # real tokens that stay in the exact window
+        candidates = Candidates(
+            scores=scores.view(shape),
+            positions=positions.view(shape),
+            valid=valid.view(shape),
+            sink=(positions.view(shape) < (self.padding + s.sink).view(-1, 1, 1)) & valid.view(shape),
+            budget=context - staying if s.budget is None else (self._allowance(context) - staying).clamp_min(0),
+            capacity=context - staying,
+            context=context,
+            layer_idx=self.layer_idx,
+            num_layers=self.num_layers,
+        )
+        return candidates, slot_of, exit_slot
+
     def _fit_budget(self, target: torch.Tensor, c: Candidates) -> torch.Tensor:
         """Cut the policy's choice to the byte cap: per head, or pooled over the layer's heads (adaptive)."""
         shape = (target.shape[0], 1, -1) if self.settings.budget_pooled else target.shape
@@ -408,22 +417,12 @@ class LeanLayer(CompressedLayer):
         return torch.minimum((equal * self.share).ceil().long(), context)
 
     def competing(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scores of the tokens the next compaction ranks (stored rows, and the tokens leaving the exact window;
-        not sinks or padding), and each one's batch row: what `share_budget` compares across layers."""
-        batch, heads, window = self.keys.shape[:3]
-        first_free = self.padding + self.settings.sink  # [B]: positions before it are sinks (or padding)
-        rows, scores = [], []
-        for tier in self.tiers:
-            row = tier.segments() // heads
-            free = tier.positions.long() >= first_free[row]
-            rows.append(row[free])
-            scores.append(tier.scores.float()[free])
-        start, n_exit = self.seen - window, self._exiting()
-        position = torch.arange(start, start + n_exit, device=self.device)
-        free = (self.recent_valid[:, :n_exit] & (position >= first_free[:, None]))[:, None].expand(-1, heads, -1)
-        rows.append(torch.arange(batch, device=self.device)[:, None, None].expand_as(free)[free])
-        scores.append(self.recent_scores[..., :n_exit][free])
-        return torch.cat(rows), torch.cat(scores)
+        """The tokens the next compaction ranks (stored rows, and the tokens leaving the exact window; not sinks or
+        padding), each one's batch row and its score as the policy ranks it (pooled over neighbours where the policy
+        pools: a layer keeps a kept token's neighbours too): what `share_budget` compares across layers."""
+        ranked = self.settings.policy.ranked(self._candidates()[0])
+        rows = torch.arange(ranked.valid.shape[0], device=self.device)[:, None, None].expand_as(ranked.valid)
+        return rows[ranked.valid], ranked.scores[ranked.valid]
 
     def equal_keep(self) -> torch.Tensor:
         """``[B]`` how many of its competing tokens (`competing`, all heads) the layer keeps with an equal part of the
