@@ -93,9 +93,11 @@ def share_budget(layers: list) -> None:
     """Split the model's budget between ``layers`` whose pending tokens a probe scored (``budget_scope="global"``;
     KVzip ranks across layers too): each layer keeps as many tokens as it holds of the whole model's best-scored
     ones, so a layer whose heads single out few tokens gives its bytes to one that singles out many. The tokens
-    ranked are the ones each layer's compaction would rank (stored rows and those leaving the window), so at a later
-    prompt the rows kept before compete again and the split moves only as far as the new tokens move it. Per batch
-    row; decode-time compactions keep each layer's share (`LeanLayer.take_share`). ``layers``: `LeanLayer`s."""
+    ranked are the ones each layer's compaction would rank (stored rows and those leaving the window), scored as it
+    ranks them (pooled over neighbours: a layer keeping a token keeps its neighbours too, and that costs it budget),
+    so at a later prompt the rows kept before compete again and the split moves only as far as the new tokens move
+    it. Per batch row; decode-time compactions keep each layer's share (`LeanLayer.take_share`). ``layers``:
+    `LeanLayer`s."""
     if not layers or layers[0].settings.budget_scope != "global":
         return
     equal = [layer.equal_keep() for layer in layers]
