@@ -298,6 +298,27 @@ def test_a_global_budget_moves_tokens_between_layers_and_keeps_the_total(make, t
     assert torch.equal(torch.stack([layer.share for layer in lean_layers(again)]), shares)
 
 
+def test_layers_compete_with_the_scores_their_compactions_rank(tiny_tok):
+    """`LeanLayer.competing` (what `share_budget` compares across layers) scores each token as the layer's
+    compaction ranks it: pooled over neighbouring positions, so at least its own score, and more beside a
+    better-scored token. Raw scores would credit a layer with one token where its compaction keeps several."""
+    model = lively("llama")
+    ids = tiny_tok([TINY_PROMPT * 3], return_tensors="pt").input_ids
+    cache = UnifiedLeanCache(
+        model, policy="adakv", prune_ratio=0.7, scorer="reconstruct", buffer=8, group_size=16, budget_scope="global"
+    )
+    with torch.inference_mode():
+        token = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(6):  # tokens leave the window again: they compete beside the stored rows
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    for layer in lean_layers(cache):
+        candidates = layer._candidates()[0]
+        raw = candidates.scores[candidates.valid & ~candidates.sink]
+        rows, scores = layer.competing()
+        assert rows.shape == scores.shape == raw.shape and bool((rows == 0).all())
+        assert bool((scores >= raw).all()) and bool((scores > raw).any())
+
+
 def test_scorer_specs_round_trip():
     for scorer in (
         ObservationWindow(),
