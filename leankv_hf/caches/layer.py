@@ -301,10 +301,9 @@ class LeanLayer(CompressedLayer):
         n_exit = self._exiting()
         if n_exit == 0 and not any(t.rows for t in self.tiers):
             return
-        candidates, slot_of, exit_slot = self._candidates()
+        candidates, slot_of, exit_slot, exit_pos = self._candidates()
         width = candidates.scores.shape[-1]
         rows = torch.arange(batch * heads, device=self.device)[:, None]
-        exit_pos = candidates.positions.view(batch * heads, width)[rows, exit_slot].view(batch, heads, n_exit)
         target = s.policy.assign(candidates)
         if s.budget_bytes is not None:
             target = self._fit_budget(target, candidates)
@@ -346,9 +345,10 @@ class LeanLayer(CompressedLayer):
         self.recent_ages = self.recent_ages[..., n_exit:].clone()
         self.recent_valid = self.recent_valid[:, n_exit:].clone()
 
-    def _candidates(self) -> tuple[Candidates, list, torch.Tensor]:
+    def _candidates(self) -> tuple[Candidates, list, torch.Tensor, torch.Tensor]:
         """What the next compaction ranks, per (batch, head): the stored rows of every tier, then the tokens leaving
-        the exact window; with each tier's ``(segments, slots)`` and the leaving tokens' slots ``[B * H, exiting]``."""
+        the exact window; with each tier's ``(segments, slots)``, the leaving tokens' slots ``[B * H, exiting]`` and
+        their positions ``[B, H, exiting]``."""
         s = self.settings
         batch, heads, window = self.keys.shape[:3]
         n_exit = self._exiting()
@@ -389,7 +389,7 @@ class LeanLayer(CompressedLayer):
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
         )
-        return candidates, slot_of, exit_slot
+        return candidates, slot_of, exit_slot, exit_pos
 
     def _fit_budget(self, target: torch.Tensor, c: Candidates) -> torch.Tensor:
         """Cut the policy's choice to the byte cap: per head, or pooled over the layer's heads (adaptive)."""
