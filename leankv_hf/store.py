@@ -367,14 +367,40 @@ class RaggedStore:
         here with ``add(..., keep=)`` or `keep`); low-rank keys stay coefficients on the basis (``add(...,
         projected=True)`` them to a store sharing it)."""
         index = mask.nonzero().squeeze(1)
+        return {**self.rows_at(index, dtype), "segments": self.segments()[index]}
+
+    def rows_at(self, index: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Rows ``index``, keys (``k``, coefficients where low rank) and values (``v``) decoded to ``dtype``, with
+        their positions, scores and ages."""
         return {
             "k": decode(select(self.keys, 0, index), dtype),
             "v": decode(select(self.values, 0, index), dtype),
-            "segments": self.segments()[index],
             "positions": self.positions[index],
             "scores": self.scores[index],
             "ages": self.ages[index],
         }
+
+    def rebuild(self, counts: torch.Tensor, order: torch.Tensor | None, incoming: dict | None) -> None:
+        """Hold rows ``order`` of the stored rows followed by ``incoming`` ones (`rows_at`'s fields, keys already as
+        this store holds them, encoded here), ``counts[B * H]`` per head: a compaction's one rewrite of each field
+        (`compaction.plan`). ``order`` None: the stored rows stay as they are (then nothing comes in)."""
+        if order is None or (incoming is None and not self.rows):
+            return
+        fields = ("keys", "values", "positions", "scores", "ages")
+        if incoming is None:
+            parts = [getattr(self, name) for name in fields]
+        else:
+            new = (
+                self.key.encode(incoming["k"]),
+                self.value.encode(incoming["v"]),
+                incoming["positions"].to(torch.int32),
+                incoming["scores"].to(torch.float16),
+                incoming["ages"].to(torch.uint8),
+            )
+            parts = [cat([getattr(self, name), x], 0) if self.rows else x for name, x in zip(fields, new, strict=True)]
+        for name, x in zip(fields, parts, strict=True):
+            setattr(self, name, select(x, 0, order))
+        self.counts = counts.view_as(self.counts)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or repeat whole batch rows (beam search): each new row copies the segments of ``index[b]``."""

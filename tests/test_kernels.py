@@ -6,6 +6,7 @@ from helpers import TINY_PROMPT, lively
 
 from leankv_hf import UnifiedLeanCache, kernels
 from leankv_hf.attention import _explicit_attention
+from leankv_hf.kernels import cpu
 from leankv_hf.store import PaddedLayout, PaddedRows, Precision, RaggedStore, fold_scores
 
 pytest.importorskip("numba")
@@ -100,6 +101,27 @@ def test_a_decode_step_in_one_call_matches_the_products_it_replaces(mix, padded,
         assert torch.equal(store.ages, twin.ages)
 
 
+def test_a_decode_step_folds_into_the_scores_each_store_holds_now():
+    """A layout's step keeps its views of the stores' scores and ages from one call to the next; a store given new
+    ones in between (the torch fold replaces them) gets its observations there, and the old ones stay as they were."""
+    stores = ragged_stores(MIXES["k8v4, k4v2"])
+    body = PaddedLayout(stores).view(torch.float32, fused=True)
+    batch, heads, _ = body.valid.shape
+    recent = torch.zeros(batch, heads, 5)
+    args = torch.randn(batch, heads, 3, DIM), torch.randn(2, batch, heads, 5, DIM), recent, recent.byte()
+    query, window = args[:2]
+
+    def step() -> None:
+        body.step(query, query, *window, None, 0.125, True, False, *args[2:])
+
+    step()
+    old = stores[0].ages
+    stores[0].scores, stores[0].ages = stores[0].scores.clone(), old.clone()
+    seen = old.clone()
+    step()
+    assert torch.equal(old, seen) and torch.equal(stores[0].ages, seen + 1)
+
+
 def test_only_a_decode_step_of_one_or_two_stores_is_one_call():
     """Three stores (no cache has three tiers) take the readers' products; so do rows the kernels cannot read."""
     three = [(Precision(8, DIM), Precision(4, DIM))] * 3
@@ -142,6 +164,7 @@ def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one(monkey
             torch.set_num_threads(threads)
             recent = torch.zeros(batch, heads, 5)
             out = body.step(query, query, *window, None, 0.125, True, False, recent, torch.zeros_like(recent).byte())
+            assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
             scores = [store.scores for store in layouts[threads].stores]
             products[threads] = body.logits(query), body.values.weigh(probs), out, recent, *scores
             assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
@@ -353,14 +376,17 @@ def test_generation_through_the_kernels_matches_the_padded_view(tiny_tok, monkey
 
 @pytest.mark.parametrize("bits, group", [(8, 32), (4, 16), (2, 8), (4, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_rows_are_quantized_in_one_call_to_the_same_bits(bits, group, dtype):
+@pytest.mark.parametrize("tokens", [50, 90])
+def test_rows_are_quantized_in_one_call_to_the_same_bits(bits, group, dtype, tokens):
     """`kernels.quantize` (what a store encodes with on CPU) against `quant.quantize`: the same codes, scales and zeros,
     bit for bit, on rows of every scale, constant groups, tiny and huge values; a group with a NaN, an infinity or a
-    scale past float16 is NaN in both (the torch code leaves its codes as they fall, the kernel writes 0)."""
+    scale past float16 is NaN in both (the torch code leaves its codes as they fall, the kernel writes 0). 600 rows
+    take the one-thread kernel (a compaction's), 1080 the parallel one (a prompt's)."""
     from leankv_hf.quant import quantize
 
+    assert (4 * 3 * tokens > 4 * cpu.CHUNK) == (tokens == 90)
     torch.manual_seed(bits * group)
-    rows = torch.randn(4, 3, 50, 64) * torch.exp2(torch.randint(-20, 12, (4, 3, 50, 1)).float())
+    rows = torch.randn(4, 3, tokens, 64) * torch.exp2(torch.randint(-20, 12, (4, 3, tokens, 1)).float())
     rows[0, 0, :5] = 3.0  # constant groups
     rows[0, 1, :5] = 1e-9  # rounds to a zero zero
     rows[0, 1, 5:10] = -1e-9

@@ -312,7 +312,7 @@ def test_layers_compete_with_the_scores_their_compactions_rank(tiny_tok):
         for _ in range(6):  # tokens leave the window again: they compete beside the stored rows
             token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
     for layer in lean_layers(cache):
-        candidates = layer._candidates()[0]
+        candidates = layer._candidates()
         raw = candidates.scores[candidates.valid & ~candidates.sink]
         rows, scores = layer.competing()
         assert rows.shape == scores.shape == raw.shape and bool((rows == 0).all())

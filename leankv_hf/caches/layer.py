@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import compaction
 from ..budget import BudgetReport, fit_to_budget, row_nbytes
-from ..policy import PRUNED, Candidates, Policy
+from ..policy import Candidates, Policy
 from ..scoring import ObservationWindow, Scorer
 from ..store import Body, PaddedLayout, PaddedRows, Precision, RaggedStore, decode, fold_scores, select
 from .base import UNATTENDED, CompressedLayer, sixteen_bit
@@ -301,43 +302,15 @@ class LeanLayer(CompressedLayer):
         n_exit = self._exiting()
         if n_exit == 0 and not any(t.rows for t in self.tiers):
             return
-        candidates, slot_of, exit_slot, exit_pos = self._candidates()
-        width = candidates.scores.shape[-1]
-        rows = torch.arange(batch * heads, device=self.device)[:, None]
+        candidates = self._candidates()
         target = s.policy.assign(candidates)
         if s.budget_bytes is not None:
             target = self._fit_budget(target, candidates)
-        target = target.view(batch * heads, width)
-
-        # Stored rows: stay, move down a tier (re-encoded), or leave memory. Rows never move up: lost precision
-        # does not come back.
-        moved, stays = [[] for _ in self.tiers], []
-        for t, (segments, slot) in enumerate(slot_of):
-            goal = target[segments, slot].long()
-            down = goal > t
-            if bool(down.any()):
-                taken = self.tiers[t].read(down, self.storage_dtype)
-                for g in goal[down].unique().tolist():
-                    pick = goal[down] == g
-                    moved[g].append({key: value[pick] for key, value in taken.items()})
-            stays.append((goal != PRUNED) & ~down)  # dropped from tier t when its rows are merged (`add`)
-        exit_goal = target[rows, exit_slot].view(batch, heads, n_exit)
-        for t, tier in enumerate(self.tiers):
-            b, h, i = (exit_goal == t).nonzero(as_tuple=True)
-            exits = {
-                "k": tier.project(self.keys[b, h, i], b * heads + h),
-                "v": self.values[b, h, i],
-                "segments": b * heads + h,
-                "positions": exit_pos[b, h, i],
-                "scores": self.recent_scores[b, h, i],
-                "ages": self.recent_ages[b, h, i],
-            }
-            # One add per tier (rows moving down and rows leaving the window together): one encode, one merge.
-            parts = [*moved[t], exits]  # moved rows' keys are already coefficients: the tiers share one basis
-            merged = {name: torch.cat([part[name] for part in parts]) for name in exits}
-            tier.add(**merged, projected=True, keep=stays[t])
-            if s.policy.page_size:
-                self._add_to_pages(self.keys[b, h, i], b * heads + h, exit_pos[b, h, i] - self.padding[b])
+        counts = torch.stack([tier.counts.flatten() for tier in self.tiers])
+        plan = compaction.plan(counts, target.view(batch * heads, -1), n_exit)
+        incoming = [self._incoming(rows, n_exit, tier) for rows, tier in zip(plan.incoming, self.tiers, strict=True)]
+        for tier, count, order, rows in zip(self.tiers, plan.counts, plan.orders, incoming, strict=True):
+            tier.rebuild(count, order, rows)  # after every tier's incoming rows were read
         self._layout = PaddedLayout(self.tiers)  # made once per compaction, used by every step until the next
         # Copies, not views: a view would pin the evicted tokens' storage until the next step.
         self.keys, self.values = self.keys[:, :, n_exit:].clone(), self.values[:, :, n_exit:].clone()
@@ -345,40 +318,46 @@ class LeanLayer(CompressedLayer):
         self.recent_ages = self.recent_ages[..., n_exit:].clone()
         self.recent_valid = self.recent_valid[:, n_exit:].clone()
 
-    def _candidates(self) -> tuple[Candidates, list, torch.Tensor, torch.Tensor]:
-        """What the next compaction ranks, per (batch, head): the stored rows of every tier, then the tokens leaving
-        the exact window; with each tier's ``(segments, slots)``, the leaving tokens' slots ``[B * H, exiting]`` and
-        their positions ``[B, H, exiting]``."""
+    def _incoming(self, rows: list[torch.Tensor], n_exit: int, tier: RaggedStore) -> dict | None:
+        """The rows entering ``tier`` (`compaction.Plan`'s ``incoming``): rows moving down from a higher tier (decoded;
+        low-rank keys stay coefficients on the basis the tiers share), then tokens leaving the window (projected)."""
+        *moved, leaving = rows
+        parts = [
+            source.rows_at(index, self.storage_dtype)
+            for source, index in zip(self.tiers, moved, strict=True)
+            if index.numel()
+        ]
+        if leaving.numel():
+            segments, i = leaving // n_exit, leaving % n_exit
+            keys = self.keys.flatten(0, 1)[segments, i]
+            parts.append(
+                {
+                    "k": tier.project(keys, segments),
+                    "v": self.values.flatten(0, 1)[segments, i],
+                    "positions": self.seen - self.keys.shape[-2] + i,
+                    "scores": self.recent_scores.flatten(0, 1)[segments, i],
+                    "ages": self.recent_ages.flatten(0, 1)[segments, i],
+                }
+            )
+            if self.settings.policy.page_size:
+                batch = segments // self.keys.shape[1]
+                self._add_to_pages(keys, segments, self.seen - self.keys.shape[-2] + i - self.padding[batch])
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]} if parts else None
+
+    def _candidates(self) -> Candidates:
+        """What the next compaction ranks, per (batch, head): the stored rows of every tier in turn, then the tokens
+        leaving the exact window."""
         s = self.settings
         batch, heads, window = self.keys.shape[:3]
         n_exit = self._exiting()
-        start = self.seen - window
-        exit_pos = torch.arange(start, start + n_exit, device=self.device).expand(batch, heads, n_exit)
-        width = int(sum(t.counts for t in self.tiers).max()) + n_exit
-        scores = torch.zeros(batch * heads, width, device=self.device)
-        positions = torch.zeros(batch * heads, width, dtype=torch.long, device=self.device)
-        valid = torch.zeros(batch * heads, width, dtype=torch.bool, device=self.device)
-        slot_of = []
-        base = torch.zeros(batch * heads, dtype=torch.long, device=self.device)
-        for tier in self.tiers:
-            segments = tier.segments()
-            slot = base[segments] + tier.ranks(segments)
-            scores[segments, slot], positions[segments, slot] = tier.scores.float(), tier.positions.long()
-            valid[segments, slot] = True
-            slot_of.append((segments, slot))
-            base = base + tier.counts.flatten()
-        exit_slot = base[:, None] + torch.arange(n_exit, device=self.device)
-        rows = torch.arange(batch * heads, device=self.device)[:, None]
-        scores[rows, exit_slot] = self.recent_scores[..., :n_exit].reshape(batch * heads, n_exit)
-        positions[rows, exit_slot] = exit_pos.reshape(batch * heads, n_exit)
-        valid[rows, exit_slot] = (
-            self.recent_valid[:, None, :n_exit].expand(-1, heads, -1).reshape(batch * heads, n_exit)
+        scores, positions, valid = compaction.candidate_table(
+            self.tiers, self.recent_scores, self.recent_valid, n_exit, self.seen - window
         )
-
+        width = scores.shape[-1]
         shape = (batch, heads, width)
         context = self._context()
         staying = self.recent_valid[:, n_exit:].sum(-1)  # real tokens that stay in the exact window
-        candidates = Candidates(
+        return Candidates(
             scores=scores.view(shape),
             positions=positions.view(shape),
             valid=valid.view(shape),
@@ -389,7 +368,6 @@ class LeanLayer(CompressedLayer):
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
         )
-        return candidates, slot_of, exit_slot, exit_pos
 
     def _fit_budget(self, target: torch.Tensor, c: Candidates) -> torch.Tensor:
         """Cut the policy's choice to the byte cap: per head, or pooled over the layer's heads (adaptive)."""
@@ -420,7 +398,7 @@ class LeanLayer(CompressedLayer):
         """The tokens the next compaction ranks (stored rows, and the tokens leaving the exact window; not sinks or
         padding), each one's batch row and its score as the policy ranks it (pooled over neighbours where the policy
         pools: a layer keeps a kept token's neighbours too): what `share_budget` compares across layers."""
-        ranked = self.settings.policy.ranked(self._candidates()[0])
+        ranked = self.settings.policy.ranked(self._candidates())
         rows = torch.arange(ranked.valid.shape[0], device=self.device)[:, None, None].expand_as(ranked.valid)
         return rows[ranked.valid], ranked.scores[ranked.valid]
 

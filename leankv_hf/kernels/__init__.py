@@ -74,3 +74,17 @@ def fold(scores: torch.Tensor, n: int, held: list[tuple], width: int, reduce: st
         _gpu().fold(scores, n, held, width, reduce)
         return
     cpu.fold(scores, n, [(segment, store.scores, store.ages) for store, segment in held], reduce)
+
+
+def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int) -> tuple | None:
+    """`compaction.plan`'s fields in one CPU kernel call (`cpu.compaction_plan`), or None where it does not run."""
+    if counts.device.type != "cpu" or not enabled(counts.device):
+        return None
+    return cpu.compaction_plan(counts, target.to(torch.int8).contiguous(), exiting)
+
+
+def candidate_table(counts: torch.Tensor, scores, positions, recent, recent_valid, exiting: int, start: int):
+    """`compaction.candidate_table` in one CPU kernel call (`cpu.candidate_table`), or None where it does not run."""
+    if counts.device.type != "cpu" or not enabled(counts.device):
+        return None
+    return cpu.candidate_table(counts, scores, positions, recent, recent_valid, exiting, start)

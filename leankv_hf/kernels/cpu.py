@@ -537,36 +537,137 @@ if numba is not None:
             return np.uint16(h + 1 if (h < 0x8000) == up else h - 1)
         return h
 
-    @numba.njit(parallel=True, boundscheck=False, cache=True)
-    def _quantize(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
-        """`quant.quantize` of rows ``x[N, D]`` (float32) for per-token groups of ``group`` channels, int codes and
-        float16 scale/zero, in one pass per row: the same arithmetic in the same order (no fastmath), so the same
-        bits. ``payload[N, D * bits / 8]`` (packed as `quant.packing` packs), ``scale``/``zero`` ``[N, D / group]``
-        (fp16 bits) are written. A group holding a NaN or an infinity, or whose scale overflows, gets NaN scale and
-        zero and codes 0."""
-        rows, dim = x.shape
+    @numba.njit(inline="always")
+    def _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes):  # pragma: no cover (jit)
+        """`quant.quantize` of row ``i`` of ``x[N, D]`` (float32) for per-token groups of ``group`` channels, int codes
+        and float16 scale/zero: the same arithmetic in the same order (no fastmath), so the same bits. Row ``i`` of
+        ``payload[N, D * bits / 8]`` (packed as `quant.packing` packs), ``scale``/``zero`` ``[N, D / group]`` (fp16
+        bits) is written; ``codes[D]`` is scratch. A group holding a NaN or an infinity, or whose scale overflows, gets
+        NaN scale and zero and codes 0. The codes are computed first and packed after: two loops LLVM vectorizes."""
+        dim = x.shape[1]
         levels = (1 << bits) - 1
         per = 8 // bits
-        for i in numba.prange(rows):
-            payload[i, :] = 0
-            for g in range(dim // group):
-                lo, hi, finite = x[i, g * group], x[i, g * group], True
-                for d in range(g * group, (g + 1) * group):
-                    v = x[i, d]
-                    finite = finite and np.isfinite(v)
-                    lo, hi = min(lo, v), max(hi, v)
-                low = _half_outward(lo, False, powers, mantissa)
-                z = _float16(low, powers, mantissa)
-                step = _half_outward((hi - z) / np.float32(levels), True, powers, mantissa)
-                if not finite or (low & 0x7C00) == 0x7C00 or (step & 0x7C00) == 0x7C00:
-                    scale[i, g], zero[i, g] = 0x7E00, 0x7E00
-                    continue
-                scale[i, g], zero[i, g] = step, low
-                s = _float16(step, powers, mantissa)
-                safe = s if s > 0 else np.float32(1)  # scale 0: a constant group, every code 0
-                for d in range(g * group, (g + 1) * group):
-                    code = min(max(np.rint((x[i, d] - z) / safe), np.float32(0)), np.float32(levels))
-                    payload[i, d // per] |= np.uint8(np.uint8(code) << ((d % per) * bits))
+        for g in range(dim // group):
+            lo, hi, finite = x[i, g * group], x[i, g * group], True
+            for d in range(g * group, (g + 1) * group):
+                v = x[i, d]
+                finite = finite and np.isfinite(v)
+                lo, hi = min(lo, v), max(hi, v)
+            low = _half_outward(lo, False, powers, mantissa)
+            z = _float16(low, powers, mantissa)
+            step = _half_outward((hi - z) / np.float32(levels), True, powers, mantissa)
+            if not finite or (low & 0x7C00) == 0x7C00 or (step & 0x7C00) == 0x7C00:
+                scale[i, g], zero[i, g] = 0x7E00, 0x7E00
+                codes[g * group : (g + 1) * group] = 0
+                continue
+            scale[i, g], zero[i, g] = step, low
+            s = _float16(step, powers, mantissa)
+            safe = s if s > 0 else np.float32(1)  # scale 0: a constant group, every code 0
+            for d in range(g * group, (g + 1) * group):
+                codes[d] = np.uint8(min(max(np.rint((x[i, d] - z) / safe), np.float32(0)), np.float32(levels)))
+        for b in range(dim // per):
+            byte = np.uint8(0)
+            for p in range(per):
+                byte |= codes[b * per + p] << (p * bits)
+            payload[i, b] = byte
+
+    @numba.njit(boundscheck=False, cache=True)
+    def _quantize(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
+        """`_quantize_row` of every row, on one thread: a compaction's few rows cost less than waking the others."""
+        codes = np.empty(x.shape[1], np.uint8)
+        for i in range(x.shape[0]):
+            _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes)
+
+    @numba.njit(parallel=True, boundscheck=False, cache=True)
+    def _quantize_parallel(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
+        """`_quantize_row` of every row, in parallel (a prompt's rows)."""
+        for t in numba.prange(-(-x.shape[0] // CHUNK)):
+            codes = np.empty(x.shape[1], np.uint8)
+            for i in range(t * CHUNK, min((t + 1) * CHUNK, x.shape[0])):
+                _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes)
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _table(counts, scores, positions, recent, recent_valid, exiting, start):  # pragma: no cover (jit)
+        """`compaction.candidate_table`: per segment, the tiers' rows in turn (``scores``/``positions``: every tier's
+        rows one tier after the other), then its ``exiting`` window tokens (``recent[S, R]``, ``recent_valid[B, R]``,
+        positions from ``start``)."""
+        tiers, segments = counts.shape
+        heads = segments // recent_valid.shape[0]
+        width = exiting
+        for s in range(segments):
+            width = max(width, counts[:, s].sum() + exiting)
+        table = np.zeros((segments, width), np.float32)
+        at = np.zeros((segments, width), np.int64)
+        valid = np.zeros((segments, width), np.bool_)
+        row = np.zeros(tiers, np.int64)
+        for u in range(1, tiers):
+            row[u] = row[u - 1] + counts[u - 1].sum()
+        for s in range(segments):
+            slot = 0
+            for u in range(tiers):
+                for _ in range(counts[u, s]):
+                    table[s, slot], at[s, slot], valid[s, slot] = scores[row[u]], positions[row[u]], True
+                    row[u] += 1
+                    slot += 1
+            for i in range(exiting):
+                table[s, slot + i], at[s, slot + i] = recent[s, i], start + i
+                valid[s, slot + i] = recent_valid[s // heads, i]
+        return table, at, valid
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _plan(counts, target, exiting):  # pragma: no cover (jit)
+        """`compaction.plan` as flat arrays: new counts ``[T, S]``; the tiers' orders and incoming codes one after the
+        other, with where each tier's start (``[T + 1]`` each); whether each tier keeps its rows as they are."""
+        tiers, segments = counts.shape
+        first = np.zeros(tiers + 1, np.int64)  # each tier's first code, then the leaving tokens'
+        for u in range(tiers):
+            first[u + 1] = first[u] + counts[u].sum()
+        codes = first[tiers] + segments * exiting
+        dest, segment, source = np.empty(codes, np.int64), np.empty(codes, np.int64), np.empty(codes, np.int64)
+        stay, enter = np.zeros((tiers, segments), np.int64), np.zeros((tiers, segments), np.int64)
+        row = first.copy()  # the next code of each tier in turn
+        for s in range(segments):  # each candidate's tier, in slot order
+            slot, row[tiers] = 0, first[tiers] + s * exiting
+            for u in range(tiers + 1):
+                for _ in range(counts[u, s] if u < tiers else exiting):
+                    c, goal = row[u], np.int64(target[s, slot])
+                    row[u] += 1
+                    slot += 1
+                    dest[c] = goal if goal > u or goal < 0 or u == tiers else u  # never up a tier
+                    segment[c], source[c] = s, u
+                    if dest[c] == u:
+                        stay[u, s] += 1
+                    elif dest[c] >= 0:
+                        enter[dest[c], s] += 1
+        new = stay + enter
+        order_at, incoming_at = np.zeros(tiers + 1, np.int64), np.zeros(tiers + 1, np.int64)
+        start = np.empty((tiers, segments), np.int64)  # where each (tier, segment)'s rows start in the orders
+        for t in range(tiers):
+            at = order_at[t]
+            for s in range(segments):
+                start[t, s] = at
+                at += new[t, s]
+            order_at[t + 1] = at
+            incoming_at[t + 1] = incoming_at[t] + enter[t].sum()
+        orders, incoming = np.empty(order_at[tiers], np.int64), np.empty(incoming_at[tiers], np.int64)
+        staying, entering = np.zeros((tiers, segments), np.int64), np.zeros((tiers, segments), np.int64)
+        received = np.zeros(tiers, np.int64)
+        for c in range(codes):  # in code order: a segment's staying rows in their order, entering ones in code order
+            t, s = dest[c], segment[c]
+            if t < 0:
+                continue
+            if source[c] == t:
+                orders[start[t, s] + staying[t, s]] = c - first[t]
+                staying[t, s] += 1
+            else:
+                orders[start[t, s] + stay[t, s] + entering[t, s]] = first[t + 1] - first[t] + received[t]
+                entering[t, s] += 1
+                incoming[incoming_at[t] + received[t]] = c
+                received[t] += 1
+        same = np.empty(tiers, np.bool_)
+        for t in range(tiers):
+            same[t] = received[t] == 0 and (stay[t] == counts[t]).all()
+        return new, orders, order_at, incoming, incoming_at, same
 
 
 def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean") -> None:
@@ -576,6 +677,32 @@ def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean"
     half = _powers(torch.float16)
     for segments, score, ages in stores:
         _fold(flat, *(t.numpy() for t in segments), n, reduce == "max", _bits(score), *half, ages.numpy())
+
+
+def candidate_table(counts, scores, positions, recent, recent_valid, exiting: int, start: int):
+    """`compaction.candidate_table` in one kernel call, for ``counts[T, S]`` int64, the tiers' ``scores`` (float32) and
+    ``positions`` (int32), the window's ``recent[S, R]`` scores (float32) and ``recent_valid[B, R]``, on CPU."""
+    arrays = (counts, scores, positions, recent.contiguous(), recent_valid.contiguous())
+    return tuple(map(torch.from_numpy, _table(*(a.numpy() for a in arrays), exiting, start)))
+
+
+def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int):
+    """`compaction.plan` in one kernel call (a few dozen small torch operations otherwise): ``counts[T, S]`` int64,
+    ``target[S, W]`` int8 on CPU."""
+    new, orders, order_at, incoming, incoming_at, same = _plan(counts.numpy(), target.numpy(), exiting)
+    first = np.concatenate([[0], np.cumsum(counts.numpy().sum(1))])  # each tier's first code, then the leaving tokens'
+    entering = []
+    for t in range(counts.shape[0]):
+        codes = incoming[incoming_at[t] : incoming_at[t + 1]]
+        cuts = np.searchsorted(codes, first).tolist() + [codes.shape[0]]
+        entering.append(
+            [torch.from_numpy(codes[a:b] - start) for start, a, b in zip(first, cuts[:-1], cuts[1:], strict=True)]
+        )
+    return (
+        [torch.from_numpy(row.copy()) for row in new],  # each store holds its own (a view would hold them all)
+        [None if same[t] else torch.from_numpy(orders[order_at[t] : order_at[t + 1]]) for t in range(len(same))],
+        entering,
+    )
 
 
 def quantizable(x: torch.Tensor, bits: int, group: int, axis: str, fmt: str, scale_dtype: torch.dtype) -> bool:
@@ -602,7 +729,8 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> QuantizedTensor:
     payload = torch.empty(rows.shape[0], dim * bits // 8, dtype=torch.uint8)
     scale, zero = (torch.empty(rows.shape[0], dim // group, dtype=torch.float16) for _ in range(2))
     _use_torch_threads()
-    _run(_quantize, rows.numpy(), bits, group, *_powers(torch.float16), payload.numpy(), _bits(scale), _bits(zero))
+    kernel = _quantize_parallel if rows.shape[0] > 4 * CHUNK else _quantize
+    _run(kernel, rows.numpy(), bits, group, *_powers(torch.float16), payload.numpy(), _bits(scale), _bits(zero))
     return QuantizedTensor(
         payload.view(*lead, -1), scale.view(*lead, -1), zero.view(*lead, -1), bits, group, "token", "int", dim, x.dtype
     )
@@ -743,6 +871,7 @@ class DecodeStep:
         ]
         self.tasks = np.concatenate([np.insert(k.tasks[:, :3], 0, i, axis=1) for i, (k, _) in enumerate(parts)])
         self.stores = stores
+        self._scores = None  # the stores' scores and ages as the kernel updates them, while they are the same tensors
 
     def __call__(
         self,
@@ -777,7 +906,10 @@ class DecodeStep:
         else:
             seen = np.ascontiguousarray(np.broadcast_to(visible.numpy()[:, None], (batch, heads, visible.shape[-1])))
             seen = seen.reshape(flat, -1)
-        scores = [(_bits(store.scores), store.ages.numpy()) for store in self.stores]  # both updated in place
+        held = [store.scores for store in self.stores]
+        if self._scores is None or any(a is not b for a, b in zip(self._scores[0], held, strict=True)):
+            self._scores = held, [(_bits(store.scores), store.ages.numpy()) for store in self.stores]
+        scores = self._scores[1]  # both updated in place
         out = np.empty((flat, groups, dim), np.float32)
         _run(
             self.kernel, queries, queries if reduced is query else rows(reduced), rows(keys), rows(values), seen,
