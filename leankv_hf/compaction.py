@@ -6,8 +6,9 @@ row of tier ``u`` aimed at a lower tier ``g > u`` moves there (re-encoded); aime
 is (lost precision does not come back); pruned, it leaves memory. A leaving token enters its tier. Each store keeps
 its rows sorted by segment and, inside one, its staying rows first (in their order), then the rows entering it.
 
-The plan is index arithmetic only: on CPU one kernel call (`kernels.compaction_plan`), elsewhere a few torch
-operations (`_torch_plan`); both give the same plan. The caller moves the rows (`store.RaggedStore.rebuild`).
+The table a compaction ranks (`candidate_table`) and the plan are index arithmetic: on CPU one kernel call each
+(`kernels.candidate_table`, `kernels.compaction_plan`), elsewhere a few dozen small torch operations (tested to give
+the same). The caller moves the rows (`store.RaggedStore.rebuild`).
 """
 
 from __future__ import annotations
