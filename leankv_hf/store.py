@@ -285,11 +285,6 @@ class RaggedStore:
             torch.arange(self.counts.numel(), device=self.counts.device), self.counts.flatten()
         )
 
-    def ranks(self, segments: torch.Tensor) -> torch.Tensor:
-        """Position of every row inside its segment."""
-        starts = torch.cumsum(self.counts.flatten(), 0) - self.counts.flatten()
-        return torch.arange(segments.shape[0], device=segments.device) - starts[segments]
-
     def init(self, batch: int, heads: int, device: torch.device) -> None:
         self.counts = torch.zeros(batch, heads, dtype=torch.long, device=device)
         self.positions = torch.zeros(0, dtype=torch.int32, device=device)
