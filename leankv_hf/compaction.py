@@ -56,44 +56,42 @@ def candidate_table(
     if table is not None:
         return table
     segments, device = counts.shape[1], counts.device
-    width = int(counts.sum(0).max()) + exiting
-    table, at = (
-        torch.zeros(segments, width, device=device),
-        torch.zeros(segments, width, dtype=torch.long, device=device),
-    )
-    valid = torch.zeros(segments, width, dtype=torch.bool, device=device)
-    ids = torch.arange(segments, device=device)
-    segment = torch.cat([ids.repeat_interleave(c) for c in counts])
-    ahead = torch.cat([torch.zeros_like(counts[:1]), counts.cumsum(0)])  # slots before each tier's rows, per segment
-    first = torch.cat([torch.zeros_like(counts[:1, 0]), counts.sum(1).cumsum(0)[:-1]])  # each tier's first row
-    tier = torch.repeat_interleave(torch.arange(len(stores), device=device), counts.sum(1))
-    rank = torch.arange(segment.shape[0], device=device) - first[tier] - (counts.cumsum(1) - counts)[tier, segment]
-    slot = ahead[tier, segment] + rank
-    table[segment, slot], at[segment, slot], valid[segment, slot] = scores, positions.long(), True
-    tail = ahead[-1][:, None] + torch.arange(exiting, device=device)  # [S, exiting]
-    table.scatter_(1, tail, recent)
-    at.scatter_(1, tail, torch.arange(start, start + exiting, device=device).expand(segments, -1))
+    segment, _, slot = _candidate_slots(counts, exiting)
     heads = segments // recent_valid.shape[0]
-    valid.scatter_(1, tail, recent_valid[:, :exiting].repeat_interleave(heads, 0))
+    window = recent_valid[:, :exiting].repeat_interleave(heads, 0).flatten()
+    width = int(counts.sum(0).max()) + exiting
+    table = torch.zeros(segments, width, device=device)
+    at = torch.zeros(segments, width, dtype=torch.long, device=device)
+    valid = torch.zeros(segments, width, dtype=torch.bool, device=device)
+    table[segment, slot] = torch.cat([scores, recent.flatten()])
+    at[segment, slot] = torch.cat(
+        [positions.long(), torch.arange(start, start + exiting, device=device).repeat(segments)]
+    )
+    valid[segment, slot] = torch.cat([torch.ones_like(positions, dtype=torch.bool), window])
     return table, at, valid
+
+
+def _candidate_slots(counts: torch.Tensor, exiting: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every candidate by code (each tier's rows in turn, then the leaving tokens segment by segment): its segment, its
+    tier (``T`` for a leaving token) and its slot among its segment's candidates (the slots of the tiers before its
+    own, then its rank in its own)."""
+    tiers, segments = counts.shape
+    device = counts.device
+    rows = torch.cat([counts.sum(1), counts.new_tensor([segments * exiting])])
+    ids = torch.arange(segments, device=device)
+    segment = torch.cat([*(ids.repeat_interleave(c) for c in counts), ids.repeat_interleave(exiting)])
+    source = torch.repeat_interleave(torch.arange(tiers + 1, device=device), rows)
+    ahead = torch.cat([torch.zeros_like(counts[:1]), counts.cumsum(0)])
+    starts = torch.cat([counts.cumsum(1) - counts, ids[None] * exiting])  # each segment's first row in each tier
+    rank = torch.arange(segment.shape[0], device=device) - (rows.cumsum(0) - rows)[source] - starts[source, segment]
+    return segment, source, ahead[source, segment] + rank
 
 
 def _torch_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int) -> Plan:
     tiers, segments = counts.shape
-    device = counts.device
     rows = counts.sum(1)
     first = [0, *rows.cumsum(0).tolist()]
-    ids = torch.arange(segments, device=device)
-    # Every candidate by code (the tiers' rows in turn, then the leaving tokens): its segment, tier and slot.
-    segment = torch.cat([*(ids.repeat_interleave(c) for c in counts), ids.repeat_interleave(exiting)])
-    source = torch.repeat_interleave(
-        torch.arange(tiers + 1, device=device), torch.cat([rows, rows.new_tensor([segments * exiting])])
-    )
-    # Its slot among its segment's candidates: the slots of the tiers before its own, then its rank in its tier.
-    ahead = torch.cat([torch.zeros_like(counts[:1]), counts.cumsum(0)])
-    starts = torch.cat([counts.cumsum(1) - counts, ids[None] * exiting])  # each segment's first row in each tier
-    rank = torch.arange(segment.shape[0], device=device) - torch.tensor(first, device=device)[source]
-    slot = ahead[source, segment] + rank - starts[source, segment]
+    segment, source, slot = _candidate_slots(counts, exiting)
     goal = target[segment, slot].long()
     dest = torch.where((goal > source) | (goal < 0) | (source == tiers), goal, source)
     plan = Plan([], [], [])

@@ -329,19 +329,18 @@ class LeanLayer(CompressedLayer):
         ]
         if leaving.numel():
             segments, i = leaving // n_exit, leaving % n_exit
-            keys = self.keys.flatten(0, 1)[segments, i]
+            keys, positions = self.keys.flatten(0, 1)[segments, i], self.seen - self.keys.shape[-2] + i
             parts.append(
                 {
                     "k": tier.project(keys, segments),
                     "v": self.values.flatten(0, 1)[segments, i],
-                    "positions": self.seen - self.keys.shape[-2] + i,
+                    "positions": positions,
                     "scores": self.recent_scores.flatten(0, 1)[segments, i],
                     "ages": self.recent_ages.flatten(0, 1)[segments, i],
                 }
             )
             if self.settings.policy.page_size:
-                batch = segments // self.keys.shape[1]
-                self._add_to_pages(keys, segments, self.seen - self.keys.shape[-2] + i - self.padding[batch])
+                self._add_to_pages(keys, segments, positions - self.padding[segments // self.keys.shape[1]])
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]} if parts else None
 
     def _candidates(self) -> Candidates:
