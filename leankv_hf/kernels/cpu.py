@@ -189,6 +189,7 @@ def _routines(bits: int, groups: int):
         planes = acc.shape[2]
         width = planes // groups
         wide, x = np.empty(planes * per, np.uint32), np.empty((per, planes), np.float32)
+        flat_x, flat_acc = x.reshape(per * planes), acc.reshape(acc.shape[0], per * planes)
         sc, ze = np.ones(groups, np.float32), np.zeros(groups, np.float32)
         for j in range(count):
             i = first + j
@@ -204,6 +205,12 @@ def _routines(bits: int, groups: int):
                     ze[g] = _float16(zero[i, g], powers, mantissa)
             for r in range(rows):
                 w = probs[r, slot + j]
+                if groups == 1:  # one loop over the whole row: short per-plane loops vectorize poorly (2-bit: 16)
+                    zeros[r, 0] += w * ze[0]
+                    ws = w * sc[0]
+                    for k in range(per * planes):
+                        flat_acc[r, k] += ws * flat_x[k]
+                    continue
                 for g in range(groups):
                     ws = w * sc[g]
                     zeros[r, g] += w * ze[g]
@@ -374,20 +381,18 @@ def _step_kernel(first: tuple, second: tuple):
                 factor[t, h] /= total[s, h]
                 for d in range(dim):
                     out[s, h, d] += factor[t, h] * partial[t, h, d]
+        seen = np.empty((n_tasks, longest), np.float32)
         for t in numba.prange(n_tasks):
             store, s, first_row, count = _task(tasks, t, span)
-            for h in range(heads):
+            _received(probs[t], factor[t], count, by_max, seen[t])
+            if store == 0:
+                _fold_rows(seen[t], count, peak, rows_a, first_row, half)
+            elif store == 1:
+                _fold_rows(seen[t], count, peak, rows_b, first_row, half)
+            else:
                 for j in range(count):
-                    probs[t, h, j] *= factor[t, h]
-            for j in range(count):
-                if store == 0:
-                    _fold_one(probs[t, :heads, j], by_max, peak, rows_a, first_row + j, half)
-                elif store == 1:
-                    _fold_one(probs[t, :heads, j], by_max, peak, rows_b, first_row + j, half)
-                else:
-                    seen = _combine(probs[t, :heads, j], by_max)
                     weight = np.float32(recent_ages[s, j])
-                    recent[s, j] = _running(recent[s, j], seen, weight, np.float32(1), peak)
+                    recent[s, j] = _running(recent[s, j], seen[t, j], weight, np.float32(1), peak)
                     recent_ages[s, j] = min(weight + 1, 255.0)
 
     return _named((step,), f"step-{first}-{second}")[0]
@@ -460,14 +465,19 @@ if numba is not None:
         return np.int64(2), np.int64(t - stored), np.int64(0), np.int64(span)
 
     @numba.njit(inline="always")
-    def _combine(received, by_max):  # pragma: no cover (jit)
-        """What a KV head's query heads gave one token: their maximum, or their mean."""
-        if by_max:
-            return received.max()
-        total = np.float32(0)
-        for x in received:
-            total += x
-        return total / np.float32(received.shape[0])
+    def _received(probs, factor, count, by_max, out):  # pragma: no cover (jit)
+        """``out[j]`` = what a KV head's query heads (``probs[h, j] * factor[h]``, ``h < len(factor)``) gave token ``j``:
+        their maximum, or their mean. One pass per query head over every token, so that the loops vectorize."""
+        heads = factor.shape[0]
+        for j in range(count):
+            out[j] = probs[0, j] * factor[0]
+        for h in range(1, heads):
+            for j in range(count):
+                x = probs[h, j] * factor[h]
+                out[j] = max(out[j], x) if by_max else out[j] + x
+        if not by_max:
+            for j in range(count):
+                out[j] /= np.float32(heads)
 
     @numba.njit(inline="always")
     def _running(old, seen, weight, n, peak):  # pragma: no cover (jit)
@@ -494,15 +504,32 @@ if numba is not None:
         return np.uint16(sign | h)
 
     @numba.njit(inline="always")
-    def _fold_one(received, by_max, peak, rows, i, half):  # pragma: no cover (jit)
-        """Row ``i`` of a store (``rows``: its fp16 score bits and ages, updated in place) received ``received`` from
-        one query per query head: one observation, as `_fold` folds them."""
-        weight = np.float32(rows[1][i])
-        old = _float16(rows[0][i], half[0], half[1])
-        rows[0][i] = _half_bits(_running(old, _combine(received, by_max), weight, np.float32(1), peak))
-        rows[1][i] = min(weight + 1, 255.0)
+    def _fold_rows(seen, count, peak, rows, first, half):  # pragma: no cover (jit)
+        """Rows ``first + j`` of a store (``rows``: its fp16 score bits and ages, updated in place) each received one
+        more observation, ``seen[j]``, folded as `_fold` folds them."""
+        for j in range(count):
+            i = first + j
+            weight = np.float32(rows[1][i])
+            old = _float16(rows[0][i], half[0], half[1])
+            rows[0][i] = _half_bits(_running(old, seen[j], weight, np.float32(1), peak))
+            rows[1][i] = min(weight + 1, 255.0)
 
-    _named((_float16, _row16, _exp_less, _task, _combine, _running, _half_bits, _fold_one), "helpers")
+    _named((_float16, _row16, _exp_less, _task, _received, _running, _half_bits, _fold_rows), "helpers")
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _chunked(starts, counts, offsets):  # pragma: no cover (jit)
+        """`_tasks` in one call: a few numbers per head, which a dozen numpy calls cost more than."""
+        n = 0
+        for s in range(counts.shape[0]):
+            n += -(-counts[s] // CHUNK)
+        tasks = np.empty((n, 4), np.int64)
+        t = 0
+        for s in range(counts.shape[0]):
+            for done in range(0, counts[s], CHUNK):
+                tasks[t, 0], tasks[t, 1], tasks[t, 3] = s, starts[s] + done, offsets[s] + done
+                tasks[t, 2] = min(counts[s] - done, CHUNK)
+                t += 1
+        return tasks
 
     @numba.njit(parallel=True)
     def _noop(x):  # pragma: no cover (jit)
@@ -766,10 +793,11 @@ def _use_torch_threads() -> None:
 @functools.cache  # once per process
 def _start_pool() -> None:
     """Start numba's threads with idle workers that sleep at once, leaving torch's thread count as it was (starting
-    numba's OpenMP pool sets it to every core). numba's OpenMP runtime is not torch's (numba links libgomp by another
-    name), and by default an idle OpenMP worker spins for a while: two spinning pools would take the cores from
-    torch's next operation and from Python between the kernels. The runtime reads the variable when it loads, so it
-    is set for that moment only (a user's own ``OMP_WAIT_POLICY`` holds)."""
+    numba's OpenMP pool sets it to every core). numba links libgomp by another name than torch's: with a pip torch on
+    Linux, whose libgomp loads first, numba's OpenMP calls bind to torch's runtime (one pool, which this does not
+    change); where numba's runtime is its own, an idle worker would by default spin for a while, and two spinning
+    pools would take the cores from torch's next operation and from Python between the kernels. The runtime reads the
+    variable when it loads, so it is set for that moment only (a user's own ``OMP_WAIT_POLICY`` holds)."""
     threads = torch.get_num_threads()
     policy = "OMP_WAIT_POLICY" not in os.environ
     if policy:
@@ -785,13 +813,7 @@ def _start_pool() -> None:
 def _tasks(starts: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor):
     """``[T, 4]`` int64 tasks ``(segment, first row, rows, first slot)``: each segment's rows in chunks of `CHUNK`.
     The split depends on the rows alone, never on the thread count, so products are the same on any number."""
-    counts = counts.numpy()
-    chunks = -(-counts // CHUNK)
-    segment = np.repeat(np.arange(counts.shape[0]), chunks)
-    index = np.arange(segment.shape[0]) - np.repeat(np.cumsum(chunks) - chunks, chunks)  # chunk within its segment
-    done = index * CHUNK
-    rows = np.minimum(counts[segment] - done, CHUNK)
-    return np.stack([segment, starts.numpy()[segment] + done, rows, offsets.numpy()[segment] + done], 1)
+    return _chunked(starts.numpy(), counts.numpy(), offsets.numpy())
 
 
 @dataclass
