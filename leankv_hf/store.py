@@ -299,45 +299,23 @@ class RaggedStore:
         positions: torch.Tensor,
         scores: torch.Tensor,
         ages: torch.Tensor,
-        projected: bool = False,
-        keep: torch.Tensor | None = None,
     ) -> None:
-        """Insert rows (each with its segment id), keeping rows sorted by segment and, inside one, by arrival.
-        ``projected``: low-rank keys come as coefficients on this store's basis (from `read` of a store sharing
-        it), not as keys. ``keep``: which stored rows stay (None: all); the others leave memory in the same pass
-        (a compaction rewrites each field once)."""
+        """Insert rows (each with its segment id), keeping rows sorted by segment and, inside one, by arrival."""
         if segments.numel() == 0:
-            if keep is not None:
-                self.keep(keep)
             return
-        if not projected:
-            k = self.project(k, segments)
-        new = {
-            "keys": self.key.encode(k),
-            "values": self.value.encode(v),
-            "positions": positions.to(torch.int32),
-            "scores": scores.to(torch.float16),
-            "ages": ages.to(torch.uint8),
-        }
         # Merge without sorting the stored rows: a stored row moves down by the new rows of earlier heads, the
         # j-th new row (in head order) lands after every stored row of its head and earlier heads.
         incoming = torch.bincount(segments, minlength=self.counts.numel())
-        stored, counts, old = self.rows, self.counts.flatten(), self.segments()
-        staying = torch.arange(stored, device=segments.device)
-        if keep is not None:
-            staying = keep.nonzero().squeeze(1)
-            old = old[staying]
-            counts = torch.bincount(old, minlength=counts.numel())
-        rows, fresh = staying.shape[0], segments.numel()
-        order = torch.empty(rows + fresh, dtype=torch.long, device=segments.device)
-        if rows:
-            order[torch.arange(rows, device=old.device) + (incoming.cumsum(0) - incoming)[old]] = staying
+        stored, counts, fresh = self.rows, self.counts.flatten(), segments.numel()
+        order = torch.empty(stored + fresh, dtype=torch.long, device=segments.device)
+        if stored:
+            staying = torch.arange(stored, device=segments.device)
+            order[staying + (incoming.cumsum(0) - incoming)[self.segments()]] = staying
         by_head = torch.sort(segments, stable=True).indices
         arrived = torch.arange(fresh, device=segments.device) + counts.cumsum(0)[segments[by_head]]
         order[arrived] = stored + by_head
-        for name, value in new.items():
-            setattr(self, name, select(cat([getattr(self, name), value], 0) if stored else value, 0, order))
-        self.counts = (counts + incoming).view_as(self.counts)  # not in place: it may be an inference tensor
+        new = {"k": self.project(k, segments), "v": v, "positions": positions, "scores": scores, "ages": ages}
+        self.rebuild(counts + incoming, order, new)
 
     def project(self, k: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """Keys ``k[N, D]`` as this store holds them: coefficients on their segment's basis when low rank."""
@@ -346,23 +324,6 @@ class RaggedStore:
         if self.basis is None:
             raise RuntimeError("low-rank keys need a basis: set store.basis (e.g. from fit_basis) before add()")
         return segment_matmul(k, segments, self.basis) if segments.numel() else k.new_empty(0, self.key.rank)
-
-    def keep(self, mask: torch.Tensor) -> None:
-        """Drop the rows where ``mask`` is False: their memory is released."""
-        if self.rows == 0 or bool(mask.all()):
-            return
-        index = mask.nonzero().squeeze(1)
-        segments = self.segments()[index]
-        for name in ("keys", "values", "positions", "scores", "ages"):
-            setattr(self, name, select(getattr(self, name), 0, index))
-        self.counts = torch.bincount(segments, minlength=self.counts.numel()).view_as(self.counts)
-
-    def read(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The rows where ``mask`` is True, decoded (for demotion to another tier: `add` them there, and drop them
-        here with ``add(..., keep=)`` or `keep`); low-rank keys stay coefficients on the basis (``add(...,
-        projected=True)`` them to a store sharing it)."""
-        index = mask.nonzero().squeeze(1)
-        return {**self.rows_at(index, dtype), "segments": self.segments()[index]}
 
     def rows_at(self, index: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Rows ``index``, keys (``k``, coefficients where low rank) and values (``v``) decoded to ``dtype``, with
@@ -377,8 +338,8 @@ class RaggedStore:
 
     def rebuild(self, counts: torch.Tensor, order: torch.Tensor | None, incoming: dict | None) -> None:
         """Hold rows ``order`` of the stored rows followed by ``incoming`` ones (`rows_at`'s fields, keys already as
-        this store holds them, encoded here), ``counts[B * H]`` per head: a compaction's one rewrite of each field
-        (`compaction.plan`). ``order`` None: the stored rows stay as they are (then nothing comes in)."""
+        this store holds them, encoded here), ``counts[B * H]`` per head: one rewrite of each field (`add`, and a
+        compaction's `compaction.plan`). ``order`` None: the stored rows stay as they are (then nothing comes in)."""
         if order is None or (incoming is None and not self.rows):
             return
         fields = ("keys", "values", "positions", "scores", "ages")

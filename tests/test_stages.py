@@ -171,15 +171,16 @@ def test_ragged_store_low_rank_round_trip():
     torch.testing.assert_close(k, keys.flatten(0, 1)[segments, low.positions.long()], atol=1e-3, rtol=1e-3)
 
 
-def test_ragged_store_low_rank_read_drop_and_ragged_view():
+def test_ragged_store_low_rank_rows_drop_and_ragged_view():
     store, keys = ragged(rank=16)
     mask = torch.zeros(store.rows, dtype=torch.bool)
     mask[::5] = True  # an uneven set of rows per head
-    segments = store.segments()[mask]
-    taken = store.read(mask, torch.float32)
-    store.keep(~mask)
-    rows = keys.flatten(0, 1)[segments, taken["positions"].long()]
-    rebuilt = segment_matmul(taken["k"], taken["segments"], store.basis.mT)  # taken keys stay coefficients
+    taken, kept = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    segments = store.segments()[taken]
+    read = store.rows_at(taken, torch.float32)
+    store.rebuild(torch.bincount(store.segments()[kept], minlength=store.counts.numel()), kept, None)
+    rows = keys.flatten(0, 1)[segments, read["positions"].long()]
+    rebuilt = segment_matmul(read["k"], segments, store.basis.mT)  # read keys stay coefficients
     torch.testing.assert_close(rebuilt, rows, atol=1e-4, rtol=1e-4)
     k, _, segments = stored_view(store)  # heads now hold different numbers of rows
     torch.testing.assert_close(k, keys.flatten(0, 1)[segments, store.positions.long()], atol=1e-4, rtol=1e-4)
