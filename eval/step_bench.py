@@ -36,15 +36,16 @@ def main() -> None:
         rows = torch.randn(n, DIM).half(), torch.randn(n, DIM).half()
         store.add(*rows, segments, torch.arange(n), torch.rand(n), torch.zeros(n))
         stores.append(store)
-    body = PaddedLayout(stores).view(torch.float32, fused=True)
-    if body.step is None:
+    fused = PaddedLayout(stores).step(torch.float32)
+    if fused is None:
         raise SystemExit("the fused CPU kernels are not available here (numba missing, or LEANKV_FUSED=0)")
+    step, _ = fused
     query = torch.randn(1, HEADS, GROUPS, DIM)
     keys, values = torch.randn(2, 1, HEADS, WINDOW, DIM)
     recent, ages = torch.rand(1, HEADS, WINDOW), torch.zeros(1, HEADS, WINDOW, dtype=torch.uint8)
 
     def call() -> None:
-        body.step(query, query, keys, values, None, DIM**-0.5, True, False, recent, ages)
+        step(query, query, keys, values, None, DIM**-0.5, True, False, recent, ages)
 
     for _ in range(20):  # compiles (or loads) the kernel and warms the threads
         call()

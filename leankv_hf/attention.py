@@ -131,13 +131,15 @@ def leankv_attention(
     plain_step = attention_mask is None and q_len == window == 1 and layer.prefilled
     recent_mask = None if plain_step else _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
-    # Transient, this layer only. Decode reads the body through its products alone, so it may be read in place.
-    body = layer.body_view(query.dtype, query, fused=window == q_len)
+    # One kernel call where it runs: the output, and the scores every stored row and window token received.
+    step = layer.decode_step(query.dtype) if q_len == window == 1 else None
+    # Else a transient body, this layer only. Decode reads it through its products alone: in place where it can.
+    body = None if step is not None else layer.body_view(query.dtype, query, fused=window == q_len)
     packed_q = _gqa_pack(query, groups)
     valid = None if body is None else body.valid
-    step = body.step if body is not None and q_len == window == 1 else None
-    if step is not None:  # one kernel call: the output, and the scores every stored row and window token received
-        reduced = packed_q if body.basis is None else packed_q @ body.basis
+    if step is not None:
+        step, basis = step
+        reduced = packed_q if basis is None else packed_q @ basis
         visible = None if recent_mask is None else recent_mask[:, 0, 0]
         by_max, peak = layer.gqa == "max", layer.settings.scorer.reduce == "max"
         out = step(packed_q, reduced, key, value, visible, scale, by_max, peak, layer.recent_scores, layer.recent_ages)

@@ -417,7 +417,6 @@ class Body:
     values: PaddedRows | kernels.cpu.CodedRows
     valid: torch.Tensor
     basis: torch.Tensor | None = None
-    step: kernels.cpu.DecodeStep | None = None  # a decode step over these rows in one call, where a kernel does it
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
         """``query[B, H, Q, D] @ keys^T`` -> ``[B, H, Q, W]``, -inf in empty slots; low-rank keys are scored in
@@ -461,7 +460,7 @@ class PaddedLayout:
         table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
         self.starts, self.offsets = table[:, 0], table[:, 2]
         self.segments = list(table)
-        # The kernels' readers of the stores in place and their decode step (`view`), made on first use.
+        # The kernels' readers of the stores in place and their decode step (`view`, `step`), made on first use.
         self._readers = None
 
     def slots(self) -> list[torch.Tensor]:
@@ -479,11 +478,9 @@ class PaddedLayout:
         ``fused``: where `kernels` can read the stores in place, the body's rows are their readers (same
         products, no padded copy)."""
         if fused:
-            if self._readers is None:  # the stores do not change until the next layout: read them the same way
-                self._readers = self._read_in_place()
-            keys, values, step = self._readers
+            keys, values, _ = self._in_place()
             if keys is not None and values is not None:
-                return Body(keys, values, *self._valid_and_basis(dtype), step)
+                return Body(keys, values, self._valid(), self._basis(dtype))
         (batch, heads), shape = self.shape, (*self.shape, self.width)
         held = [store for store in self.stores if store.rows]
         keys, values = [store.keys for store in held], [store.values for store in held]
@@ -495,27 +492,38 @@ class PaddedLayout:
             source[where] = torch.arange(first, first + store.rows, device=source.device)
             first += store.rows
         rows = gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape)
-        return Body(*rows, *self._valid_and_basis(dtype))
+        return Body(*rows, self._valid(), self._basis(dtype))
 
-    def _read_in_place(self) -> tuple:
+    def step(self, dtype: torch.dtype) -> tuple[kernels.cpu.DecodeStep, torch.Tensor | None] | None:
+        """A decode step over the stores in one kernel call (`kernels.decode_step`: the stores read in place), with
+        the low-rank keys' basis in ``dtype`` (or None); None where no kernel does it. A decode step needs nothing
+        else of the body: no view, no mask of the valid slots."""
+        step = self._in_place()[2]
+        return None if step is None else (step, self._basis(dtype))
+
+    def _in_place(self) -> tuple:
         """The kernels' readers of the stores' keys and values (each None where no kernel reads them), and their
-        decode step in one call (`kernels.decode_step`, or None)."""
-        held = [i for i, store in enumerate(self.stores) if store.rows]
-        stores, segments = [self.stores[i] for i in held], [self.segments[i] for i in held]
-        shape = (*self.shape, self.width)
-        keys = kernels.in_place([store.keys for store in stores], segments, shape)
-        values = kernels.in_place([store.values for store in stores], segments, shape)
-        if keys is None or values is None:
-            return keys, values, None
-        return keys, values, kernels.decode_step(keys, values, stores)
+        decode step in one call (or None); made at first use and kept: the stores do not change until the next
+        layout."""
+        if self._readers is None:
+            held = [i for i, store in enumerate(self.stores) if store.rows]
+            stores, segments = [self.stores[i] for i in held], [self.segments[i] for i in held]
+            shape = (*self.shape, self.width)
+            keys = kernels.in_place([store.keys for store in stores], segments, shape)
+            values = kernels.in_place([store.values for store in stores], segments, shape)
+            step = None if keys is None or values is None else kernels.decode_step(keys, values, stores)
+            self._readers = keys, values, step
+        return self._readers
 
-    def _valid_and_basis(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Which slots hold a row ``[B, H, W]``, and the low-rank keys' basis ``[B, H, D, rank]`` in ``dtype`` (or None)."""
-        batch, heads = self.shape
+    def _valid(self) -> torch.Tensor:
+        """Which slots hold a row, ``[B, H, W]``."""
         valid = torch.arange(self.width, device=self.held.device) < self.held[:, None]
+        return valid.view(*self.shape, self.width)
+
+    def _basis(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The low-rank keys' basis ``[B, H, D, rank]`` in ``dtype``, or None (full-rank keys)."""
         basis = next(store.basis for store in self.stores if store.rows)
-        basis = None if basis is None else basis.view(batch, heads, *basis.shape[1:]).to(dtype)
-        return valid.view(batch, heads, self.width), basis
+        return None if basis is None else basis.view(*self.shape, *basis.shape[1:]).to(dtype)
 
     def fold(self, scores: torch.Tensor, n: int, reduce: str = "mean") -> None:
         """Fold ``n`` observations, summing (``reduce="mean"``) or peaking (``"max"``) at ``scores[B, H, W]`` (what

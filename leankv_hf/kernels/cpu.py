@@ -891,7 +891,11 @@ class DecodeStep:
             (k.codes, k.scale, k.zero, k.powers, k.mantissa, v.codes, v.scale, v.zero, v.powers, v.mantissa)
             for k, v in parts
         ]
-        self.tasks = np.concatenate([np.insert(k.tasks[:, :3], 0, i, axis=1) for i, (k, _) in enumerate(parts)])
+        # The stores' tasks interleaved in proportion: numba splits the task list into equal runs, one per thread, and
+        # a row of one store can cost twice a row of the other, so each run takes the same mix of both.
+        tasks = [np.insert(k.tasks[:, :3], 0, i, axis=1) for i, (k, _) in enumerate(parts)]
+        spread = np.concatenate([(np.arange(len(t)) + 0.5) / len(t) for t in tasks])
+        self.tasks = np.concatenate(tasks)[np.argsort(spread, kind="stable")]
         self.stores = stores
         self._scores = None  # the stores' scores and ages as the kernel updates them, while they are the same tensors
 
