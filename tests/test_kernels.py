@@ -6,6 +6,7 @@ from helpers import TINY_PROMPT, lively
 
 from leankv_hf import UnifiedLeanCache, kernels
 from leankv_hf.attention import _explicit_attention
+from leankv_hf.caches.layer import LeanLayer
 from leankv_hf.kernels import cpu
 from leankv_hf.store import PaddedLayout, PaddedRows, Precision, RaggedStore, fold_scores
 
@@ -355,13 +356,23 @@ def test_switching_the_kernels_off_gives_the_padded_view(monkeypatch):
 @pytest.mark.parametrize("preset", ["leankv", "leankv-m"])
 def test_generation_through_the_kernels_matches_the_padded_view(tiny_tok, monkeypatch, preset):
     """Teacher-forced: the same tokens through both paths put the same tokens in the same tiers and give logits
-    equal up to float summation order (which compounds over 13 steps, hence 1e-3)."""
+    equal up to float summation order (which compounds over 13 steps, hence 1e-3). Through the kernels a decode step
+    is one call that reads the stores: it builds no body view (the padded path builds one per layer and step)."""
     model = lively("llama")
     ids = tiny_tok([TINY_PROMPT, "short one"], return_tensors="pt", padding=True)
     steps = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    decode_views = []
+    body_view = LeanLayer.body_view
 
-    def run(fused: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def counted(self, dtype, query=None, fused=False):
+        decode_views.append(query is not None and query.shape[2] == 1)
+        return body_view(self, dtype, query, fused)
+
+    monkeypatch.setattr(LeanLayer, "body_view", counted)
+
+    def run(fused: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         monkeypatch.setenv("LEANKV_FUSED", fused)
+        decode_views.clear()
         cache = UnifiedLeanCache(model, preset=preset, group_size=16, buffer=8, window=8, interval=4)
         mask = ids.attention_mask
         with torch.no_grad():
@@ -369,9 +380,10 @@ def test_generation_through_the_kernels_matches_the_padded_view(tiny_tok, monkey
             for step in steps.T:
                 mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
                 out.append(model(input_ids=step[:, None], attention_mask=mask, past_key_values=cache).logits[:, -1])
-        return torch.stack(out), cache.tier_counts()
+        return torch.stack(out), cache.tier_counts(), sum(decode_views)
 
-    (fused, fused_tiers), (padded, padded_tiers) = run("1"), run("0")
+    (fused, fused_tiers, fused_views), (padded, padded_tiers, padded_views) = run("1"), run("0")
+    assert fused_views == 0 and padded_views == 12 * model.config.num_hidden_layers
     assert torch.equal(fused_tiers, padded_tiers)
     torch.testing.assert_close(fused, padded, rtol=1e-3, atol=1e-3)
 
