@@ -36,7 +36,7 @@ def main() -> None:
         rows = torch.randn(n, DIM).half(), torch.randn(n, DIM).half()
         store.add(*rows, segments, torch.arange(n), torch.rand(n), torch.zeros(n))
         stores.append(store)
-    fused = PaddedLayout(stores).step(torch.float32)
+    fused = PaddedLayout(stores).decode_step(torch.float32)
     if fused is None:
         raise SystemExit("the fused CPU kernels are not available here (numba missing, or LEANKV_FUSED=0)")
     step, _ = fused

@@ -460,7 +460,7 @@ class PaddedLayout:
         table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
         self.starts, self.offsets = table[:, 0], table[:, 2]
         self.segments = list(table)
-        # The kernels' readers of the stores in place and their decode step (`view`, `step`), made on first use.
+        # The kernels' readers of the stores in place and their decode step (`view`, `decode_step`), made on first use.
         self._readers = None
 
     def slots(self) -> list[torch.Tensor]:
@@ -494,7 +494,7 @@ class PaddedLayout:
         rows = gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape)
         return Body(*rows, self._valid(), self._basis(dtype))
 
-    def step(self, dtype: torch.dtype) -> tuple[kernels.cpu.DecodeStep, torch.Tensor | None] | None:
+    def decode_step(self, dtype: torch.dtype) -> tuple[kernels.cpu.DecodeStep, torch.Tensor | None] | None:
         """A decode step over the stores in one kernel call (`kernels.decode_step`: the stores read in place), with
         the low-rank keys' basis in ``dtype`` (or None); None where no kernel does it. A decode step needs nothing
         else of the body: no view, no mask of the valid slots."""

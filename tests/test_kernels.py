@@ -75,7 +75,7 @@ def test_a_decode_step_in_one_call_matches_the_products_it_replaces(mix, padded,
         store.ages = torch.randint(0, 256, (store.rows,), dtype=torch.uint8)
         twin.ages, twin.scores = store.ages.clone(), store.scores.clone()
     layout, twin_layout = PaddedLayout(stores), PaddedLayout(reference)
-    step, _ = layout.step(torch.float32)
+    step, _ = layout.decode_step(torch.float32)
     batch, heads, width = *layout.shape, layout.width
     groups, window, scale = 3, 5, DIM**-0.5
     query, keys, values = torch.randn(batch, heads, groups, DIM), *torch.randn(2, batch, heads, window, DIM)
@@ -107,7 +107,7 @@ def test_a_decode_step_folds_into_the_scores_each_store_holds_now():
     ones in between (the torch fold replaces them) gets its observations there, and the old ones stay as they were."""
     stores = ragged_stores(MIXES["k8v4, k4v2"])
     layout = PaddedLayout(stores)
-    decode_step, _ = layout.step(torch.float32)
+    decode_step, _ = layout.decode_step(torch.float32)
     batch, heads = layout.shape
     recent = torch.zeros(batch, heads, 5)
     args = torch.randn(batch, heads, 3, DIM), torch.randn(2, batch, heads, 5, DIM), recent, recent.byte()
@@ -127,9 +127,9 @@ def test_a_decode_step_folds_into_the_scores_each_store_holds_now():
 def test_only_a_decode_step_of_one_or_two_stores_is_one_call():
     """Three stores (no cache has three tiers) take the readers' products; so do rows the kernels cannot read."""
     three = [(Precision(8, DIM), Precision(4, DIM))] * 3
-    assert PaddedLayout(ragged_stores(three)).step(torch.float32) is None
+    assert PaddedLayout(ragged_stores(three)).decode_step(torch.float32) is None
     fp8 = [(Precision(8, DIM, fmt="fp8"), Precision(8, DIM, fmt="fp8"))]
-    assert PaddedLayout(ragged_stores(fp8)).step(torch.float32) is None
+    assert PaddedLayout(ragged_stores(fp8)).decode_step(torch.float32) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -165,7 +165,7 @@ def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one(monkey
         for threads, body in fused.items():
             torch.set_num_threads(threads)
             recent = torch.zeros(batch, heads, 5)
-            step, _ = layouts[threads].step(torch.float32)
+            step, _ = layouts[threads].decode_step(torch.float32)
             out = step(query, query, *window, None, 0.125, True, False, recent, torch.zeros_like(recent).byte())
             assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
             scores = [store.scores for store in layouts[threads].stores]
