@@ -132,13 +132,13 @@ def leankv_attention(
     recent_mask = None if plain_step else _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
     # One kernel call where it runs: the output, and the scores every stored row and window token received.
-    step = layer.decode_step(query.dtype) if q_len == window == 1 else None
+    fused_step = layer.decode_step(query.dtype) if q_len == window == 1 else None
     # Else a transient body, this layer only. Decode reads it through its products alone: in place where it can.
-    body = None if step is not None else layer.body_view(query.dtype, query, fused=window == q_len)
+    body = None if fused_step is not None else layer.body_view(query.dtype, query, fused=window == q_len)
     packed_q = _gqa_pack(query, groups)
     valid = None if body is None else body.valid
-    if step is not None:
-        step, basis = step
+    if fused_step is not None:
+        step, basis = fused_step
         reduced = packed_q if basis is None else packed_q @ basis
         visible = None if recent_mask is None else recent_mask[:, 0, 0]
         by_max, peak = layer.gqa == "max", layer.settings.scorer.reduce == "max"

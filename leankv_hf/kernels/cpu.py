@@ -386,9 +386,9 @@ def _step_kernel(first: tuple, second: tuple):
             store, s, first_row, count = _task(tasks, t, span)
             _received(probs[t], factor[t], count, by_max, seen[t])
             if store == 0:
-                _fold_rows(seen[t], count, peak, rows_a, first_row, half)
+                _fold_rows(seen[t], count, 1, peak, rows_a, first_row, half)
             elif store == 1:
-                _fold_rows(seen[t], count, peak, rows_b, first_row, half)
+                _fold_rows(seen[t], count, 1, peak, rows_b, first_row, half)
             else:
                 for j in range(count):
                     weight = np.float32(recent_ages[s, j])
@@ -504,15 +504,16 @@ if numba is not None:
         return np.uint16(sign | h)
 
     @numba.njit(inline="always")
-    def _fold_rows(seen, count, peak, rows, first, half):  # pragma: no cover (jit)
-        """Rows ``first + j`` of a store (``rows``: its fp16 score bits and ages, updated in place) each received one
-        more observation, ``seen[j]``, folded as `_fold` folds them."""
+    def _fold_rows(seen, count, n, peak, rows, first, half):  # pragma: no cover (jit)
+        """Rows ``first + j`` of a store (``rows``: its fp16 score bits and ages, updated in place) each received
+        ``seen[j]`` over ``n`` more observations (their sum, or with ``peak`` their maximum): the score becomes the
+        new one (`_running`), the age saturates at 255."""
         for j in range(count):
             i = first + j
             weight = np.float32(rows[1][i])
             old = _float16(rows[0][i], half[0], half[1])
-            rows[0][i] = _half_bits(_running(old, seen[j], weight, np.float32(1), peak))
-            rows[1][i] = min(weight + 1, 255.0)
+            rows[0][i] = _half_bits(_running(old, seen[j], weight, np.float32(n), peak))
+            rows[1][i] = min(weight + np.float32(n), 255.0)
 
     _named((_float16, _row16, _exp_less, _task, _received, _running, _half_bits, _fold_rows), "helpers")
 
@@ -539,16 +540,11 @@ if numba is not None:
 
     @numba.njit(boundscheck=False, cache=True)
     def _fold(scores, starts, counts, offsets, n, peak, score, powers, mantissa, ages):  # pragma: no cover (jit)
-        """Row ``i = starts[s] + j`` received ``scores[s, offsets[s] + j]`` over ``n`` queries (their sum, or with
-        ``peak`` their maximum): its score (fp16 bits) becomes the new one, its age saturates at 255. The arithmetic
-        is `store.fold_scores`'s, in the same order (no fastmath)."""
+        """Row ``i = starts[s] + j`` received ``scores[s, offsets[s] + j]`` over ``n`` queries (`_fold_rows`). The
+        arithmetic is `store.fold_scores`'s, in the same order (no fastmath)."""
         for s in range(counts.shape[0]):
-            for j in range(counts[s]):
-                i = starts[s] + j
-                weight = np.float32(ages[i])
-                old = _float16(score[i], powers, mantissa)
-                score[i] = _half_bits(_running(old, scores[s, offsets[s] + j], weight, np.float32(n), peak))
-                ages[i] = min(weight + np.float32(n), 255.0)
+            seen = scores[s, offsets[s] : offsets[s] + counts[s]]
+            _fold_rows(seen, counts[s], n, peak, (score, ages), starts[s], (powers, mantissa))
 
     @numba.njit(inline="always")
     def _half_outward(x, up, powers, mantissa):  # pragma: no cover (jit)
