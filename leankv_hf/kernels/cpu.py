@@ -43,6 +43,20 @@ try:
 except ImportError:  # the padded view serves instead
     numba = None
 
+
+def _prange_only() -> dict:
+    """numba's ``parallel`` option that runs the prange loops alone in parallel. ``parallel=True`` also turns each
+    ``np.zeros`` or array fill in a kernel into a parallel region of its own, and a decode step's kernel call then
+    started a dozen, each costing more than the few bytes it fills. A new dict per kernel: numba empties the one it
+    is given."""
+    return {
+        "prange": True,
+        **dict.fromkeys(
+            ("comprehension", "reduction", "inplace_binop", "setitem", "numpy", "stencil", "fusion"), False
+        ),
+    }
+
+
 QUERY_BLOCK = 4  # query rows a kernel scores together (one code read feeds four accumulators)
 CHUNK = 256  # stored rows one parallel task reads: a long head is split, so a few heads still fill every thread
 
@@ -238,7 +252,7 @@ def _kernels(bits: int, groups: int):
     planes, score, weigh, unplane = _routines(bits, groups)
     per = max(8 // bits, 1)
 
-    @_variant(f"scores_{bits}_{groups}", cache=True, fastmath=True, boundscheck=False, parallel=True)
+    @_variant(f"scores_{bits}_{groups}", cache=True, fastmath=True, boundscheck=False, parallel=_prange_only())
     def scores(query, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r, slot] = query[s, r] . row`` for ``query[S, R, D]``."""
         segments, rows, dim = query.shape
@@ -252,7 +266,7 @@ def _kernels(bits: int, groups: int):
                 q[s], sums[s], rows, codes, scale, zero, powers, mantissa, tasks[t, 1], tasks[t, 2], out[s], tasks[t, 3]
             )
 
-    @_variant(f"weighed_{bits}_{groups}", cache=True, fastmath=True, boundscheck=False, parallel=True)
+    @_variant(f"weighed_{bits}_{groups}", cache=True, fastmath=True, boundscheck=False, parallel=_prange_only())
     def weighed(probs, codes, scale, zero, powers, mantissa, tasks, out):  # pragma: no cover (jit)
         """``out[s, r] += sum_j probs[s, r, slot + j] * row`` for ``out[S, R, D]``. Each task sums into its own planes;
         then, in task order (so the sum does not depend on the thread count), they are added to their segment's."""
@@ -287,7 +301,13 @@ def _step_kernel(first: tuple, second: tuple):
     per_ka, per_kb, per_va, per_vb = (max(8 // bits, 1) for bits in (first[0], second[0], first[2], second[2]))
     groups_ka, groups_kb, groups_va, groups_vb = first[1], second[1], first[3], second[3]
 
-    @_variant("step_" + "_".join(map(str, first + second)), cache=True, fastmath=True, boundscheck=False, parallel=True)
+    @_variant(
+        "step_" + "_".join(map(str, first + second)),
+        cache=True,
+        fastmath=True,
+        boundscheck=False,
+        parallel=_prange_only(),
+    )
     def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, rows_a, rows_b,
              half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
         """One query per (segment, query head) attends the stores' rows and the exact window; the attention each row
@@ -532,7 +552,7 @@ if numba is not None:
                 t += 1
         return tasks
 
-    @numba.njit(parallel=True)
+    @numba.njit(parallel=_prange_only())
     def _noop(x):  # pragma: no cover (jit)
         """A parallel region: the first one starts numba's thread pool."""
         for i in numba.prange(x.shape[0]):
@@ -601,7 +621,7 @@ if numba is not None:
         for i in range(x.shape[0]):
             _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes)
 
-    @numba.njit(parallel=True, boundscheck=False, cache=True)
+    @numba.njit(parallel=_prange_only(), boundscheck=False, cache=True)
     def _quantize_parallel(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
         """`_quantize_row` of every row, in parallel (a prompt's rows)."""
         for t in numba.prange(-(-x.shape[0] // CHUNK)):
