@@ -205,7 +205,7 @@ def test_a_kernel_compiled_in_one_process_is_loaded_from_numbas_cache_in_the_nex
         "from numba.core.caching import FunctionCache\n"
         "from numba.core.serialize import dumps\n"
         "from leankv_hf.kernels import cpu\n"
-        "for kernel in (cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1)), *cpu._kernels(4, 2)):\n"
+        "for kernel in (cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1), 1), *cpu._kernels(4, 2)):\n"
         "    assert isinstance(kernel._cache, FunctionCache), kernel\n"
         "    held = tuple(cell.cell_contents for cell in kernel.py_func.__closure__)\n"
         "    print(hashlib.sha256(dumps(held)).hexdigest())\n"
@@ -225,12 +225,18 @@ def test_every_variant_of_a_kernel_and_of_its_routines_has_a_name_of_its_own():
     got wrong outputs, and a bench loading two presets' kernels corrupted its heap. numba also keeps one cache index per name, rewritten without a lock."""
     cpu = kernels.cpu
     kernels_ = [
-        cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1)),
-        cpu._step_kernel((8, 1, 8, 1), (4, 1, 4, 1)),
+        cpu._step_kernel((8, 1, 4, 1), (4, 1, 2, 1), 1),
+        cpu._step_kernel((8, 1, 8, 1), (4, 1, 4, 1), 2),
         *cpu._kernels(8, 1),
         *cpu._kernels(4, 2),
     ]
-    routines = [*cpu._routines(8, 1), *cpu._routines(4, 1), *cpu._routines(4, 2), *cpu._routines(16, 1)]
+    routines = [
+        *cpu._routines(8, 1),
+        *cpu._routines(4, 1),
+        *cpu._routines(4, 2),
+        *cpu._routines(16, 1),
+        cpu._score(8, 1, 1),
+    ]
     names = [function.py_func.__qualname__ for function in kernels_ + routines]
     assert len(set(names)) == len(names)
     assert len({kernel._cache._cache_file._index_path for kernel in kernels_}) == len(kernels_)
