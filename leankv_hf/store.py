@@ -494,8 +494,10 @@ class PaddedLayout:
         rows = gather_rows(keys, source, dtype, shape), gather_rows(values, source, dtype, shape)
         return Body(*rows, self._valid(), self._basis(dtype))
 
-    def decode_step(self, dtype: torch.dtype) -> tuple[kernels.cpu.DecodeStep, torch.Tensor | None] | None:
-        """A decode step over the stores in one kernel call (`kernels.decode_step`: the stores read in place), with
+    def decode_step(
+        self, dtype: torch.dtype
+    ) -> tuple[kernels.cpu.DecodeStep | kernels.gpu.DecodeStep, torch.Tensor | None] | None:
+        """A decode step over the stores in one call (`kernels.decode_step`: the stores read in place), with
         the low-rank keys' basis in ``dtype`` (or None); None where no kernel does it. A decode step needs nothing
         else of the body: no view, no mask of the valid slots."""
         step = self._in_place()[2]

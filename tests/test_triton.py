@@ -27,10 +27,13 @@ PRECISIONS = {  # key, value
 }
 
 
-def store_with(counts: torch.Tensor, key: Precision, value: Precision, dim: int, dtype=torch.float32) -> RaggedStore:
-    """A store holding ``counts[B, H]`` random rows per (batch, head)."""
+def store_with(
+    counts: torch.Tensor, key: Precision, value: Precision, dim: int, dtype=torch.float32, basis=None
+) -> RaggedStore:
+    """A store holding ``counts[B, H]`` random rows per (batch, head); low-rank keys on ``basis[B * H, D, rank]``."""
     store = RaggedStore(key, value)
     store.init(*counts.shape, DEVICE)
+    store.basis = basis
     segments = torch.repeat_interleave(torch.arange(counts.numel()), counts.flatten()).to(DEVICE)
     n = segments.numel()
     k, v = (torch.randn(n, dim, device=DEVICE, dtype=dtype) * 2 for _ in range(2))
@@ -93,9 +96,11 @@ def test_triton_bfloat16_queries_get_bfloat16_products():
     check_products([store], query_rows=3, dim=64, dtype=torch.bfloat16, tol=2e-2)
 
 
-def test_triton_generation_matches_the_padded_view(tiny_tok, monkeypatch):
+@pytest.mark.parametrize("step", ["products", "fused step"])
+def test_triton_generation_matches_the_padded_view(tiny_tok, monkeypatch, step):
     """The unified cache decoding through the Triton kernels (forced in place of numba on CPU) gives the padded
-    view's tokens and logits within float summation order."""
+    view's tokens and logits within float summation order: through the products (scores, weigh, fold) with the
+    softmax between them, or a decode step's three launches (`gpu.DecodeStep`)."""
     from helpers import GREEDY, TINY_PROMPT, lively
 
     from leankv_hf import UnifiedLeanCache, kernels
@@ -115,8 +120,15 @@ def test_triton_generation_matches_the_padded_view(tiny_tok, monkeypatch):
         monkeypatch.setattr(kernels, "enabled", lambda device="cpu": os.environ["LEANKV_FUSED"] == "1")
         monkeypatch.setattr(kernels.cpu, "CodedRows", gpu.CodedRows)
         monkeypatch.setattr(kernels.cpu, "fusable", gpu.fusable)
-        monkeypatch.setattr(kernels, "decode_step", lambda *readers: None)  # numba's one-call step would bypass them
+        fused = gpu.DecodeStep if step == "fused step" else lambda *readers: None  # not numba's one-call step
+        monkeypatch.setattr(kernels, "decode_step", fused)
+    elif step == "products":
+        monkeypatch.setattr(kernels, "decode_step", lambda *readers: None)
+    steps = []
+    call = gpu.DecodeStep.__call__
+    monkeypatch.setattr(gpu.DecodeStep, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
     via_triton = run("1")
+    assert bool(steps) == (step == "fused step")
     padded = run("0")
     assert torch.equal(via_triton[0], padded[0])
     torch.testing.assert_close(via_triton[1], padded[1], rtol=1e-3, atol=1e-3)
@@ -129,14 +141,20 @@ from triton.compiler import ASTSource
 from leankv_hf.kernels import gpu
 
 POINTERS = dict(query="*bf16", probs="*bf16", out="*fp32", partial="*fp32", observed="*fp32", score="*fp16",
-                ages="*u8", segs="*i64", segs_a="*i64", segs_b="*i64")
+                ages="*u8", segs="*i64", segs_a="*i64", segs_b="*i64", reduced="*bf16", window_keys="*bf16",
+                window_values="*bf16", visible="*i1", scale="fp32", logits="*fp32", most="*fp32", totals="*fp32",
+                score_a="*fp16", score_b="*fp16", ages_a="*u8", ages_b="*u8", recent="*fp32", recent_ages="*u8")
 
 
-def build(kernel, constants, codes, capability):
+def build(kernel, constants, codes, capability, rows=None):
     signature = {name: POINTERS.get(name, "i32") for name in kernel.arg_names}
     for side, bits in codes.items():
         signature |= {f"codes_{side}": "*fp16" if bits == 16 else "*u8", f"scale_{side}": "*fp16",
                       f"zero_{side}": "*fp16"}
+    for name, bits in (rows or {}).items():  # the decode step's: keys_a, values_a, ... and their scales and zeros
+        kind, side = name.split("_")
+        signature |= {name: "*fp16" if bits == 16 else "*u8", f"{kind[0]}_scale_{side}": "*fp16",
+                      f"{kind[0]}_zero_{side}": "*fp16"}
     signature |= dict.fromkeys(constants, "constexpr")
     compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", capability, 32))
     assert compiled.asm["cubin"]
@@ -151,6 +169,17 @@ for capability in (80, 90):
             build(kernel, constants, {"a": a, "b": b}, capability)
     for peak in (False, True):
         build(gpu._fold_kernel, dict(PEAK=peak, BLOCK=gpu.ROWS), {}, capability)
+    for ka, va, kb, vb, two in ((8, 4, 4, 2, True), (16, 16, 16, 16, False), (2, 2, 8, 8, True)):
+        constants = dict(DK=32, D=128, BITS_KA=ka, GROUP_KA=32, BITS_VA=va, GROUP_VA=32, BITS_KB=kb, GROUP_KB=32,
+                         BITS_VB=vb, GROUP_VB=64, TWO=two, VISIBLE=two, BLOCK_Q=4, BLOCK_N=16, BLOCK_DK=32,
+                         BLOCK_D=128)
+        codes = {f"{kind}_{side}": bits for side, pair in (("a", (ka, va)), ("b", (kb, vb)))
+                 for kind, bits in zip(("keys", "values"), pair)}
+        build(gpu._step_kernel, constants, {}, capability, codes)
+    build(gpu._combine_kernel, dict(D=128, BLOCK_Q=4, BLOCK_D=128), {}, capability)
+    for by_max, peak in ((True, False), (False, True)):
+        build(gpu._fold_step_kernel, dict(TWO=True, BY_MAX=by_max, PEAK=peak, BLOCK_Q=4, BLOCK_N=gpu.ROWS), {},
+              capability)
 """
 
 
@@ -161,7 +190,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert len(done.stdout.splitlines()) == 20, done.stdout
+    assert len(done.stdout.splitlines()) == 32, done.stdout
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max"])
@@ -195,3 +224,74 @@ def test_triton_programs_read_many_row_blocks_when_segments_are_many(monkeypatch
     torch.manual_seed(5)
     counts = torch.tensor([[5 * gpu.ROWS + 3, 0, 2 * gpu.ROWS]])
     check_products([store_with(counts, *PRECISIONS["k4v2"], dim=64)], query_rows=3, dim=64)
+
+
+def step_case(
+    stores: list[RaggedStore], groups: int, dim: int, span: int, visible: bool, by_max=True, peak=False, basis=None
+):
+    """Both decode steps (`kernels.cpu.DecodeStep`, `gpu.DecodeStep`) over copies of ``stores``, with the same
+    queries and window; each returns its output and what it updated: the stores' scores and ages, the window's."""
+    import copy
+
+    from leankv_hf.kernels import cpu
+
+    layout = PaddedLayout(stores)
+    batch, heads = layout.shape
+    query = torch.randn(batch, heads, groups, dim, device=DEVICE)
+    reduced = query if basis is None else query @ basis.view(batch, heads, *basis.shape[1:])
+    window = torch.randn(2, batch, heads, span, dim, device=DEVICE)
+    seen = torch.rand(batch, span, device=DEVICE) > 0.3 if visible else None
+    if seen is not None:
+        seen[:, -1] = True  # the query's own token
+    recent = torch.rand(batch, heads, span, device=DEVICE)
+    ages = torch.randint(0, 256, (batch, heads, span), dtype=torch.uint8, device=DEVICE)
+    results = []
+    for backend in (cpu, gpu):
+        held = copy.deepcopy(stores)
+        segments = PaddedLayout(held).segments
+        shape = (batch, heads, layout.width)
+        readers = [backend.CodedRows([getattr(s, side) for s in held], segments, shape) for side in ("keys", "values")]
+        step = backend.DecodeStep(*readers, held)
+        state = recent.clone(), ages.clone()
+        out = step(query, reduced, *window, seen, dim**-0.5, by_max, peak, *state)
+        results.append((out, [(s.scores, s.ages) for s in held], state))
+    return results
+
+
+def check_step(results, tol=1e-4):
+    (out, stored, window), (out_gpu, stored_gpu, window_gpu) = results
+    torch.testing.assert_close(out_gpu, out, rtol=tol, atol=tol)
+    for (score, ages), (score_gpu, ages_gpu) in zip(stored, stored_gpu, strict=True):
+        assert torch.equal(ages_gpu, ages)
+        torch.testing.assert_close(score_gpu, score, rtol=2e-3, atol=1e-6)  # within one fp16 rounding
+    torch.testing.assert_close(window_gpu[0], window[0], rtol=tol, atol=1e-6)
+    assert torch.equal(window_gpu[1], window[1])
+
+
+@pytest.mark.parametrize("groups", [1, 3, 8])
+@pytest.mark.parametrize("mix", ["two tiers", "one store", "16-bit"])
+def test_triton_decode_step_matches_the_cpu_step(groups, mix):
+    """The fused GPU step (logits and partial softmax per program, combined, then folded) gives the numba step's
+    output and updates the same scores: heads of 0, 1, odd and split row counts, a window partly hidden."""
+    torch.manual_seed(6)
+    counts = torch.tensor([[0, 1, 7], [gpu.ROWS + 37, 2, 0]])
+    dim = 128 if mix == "one store" else 64
+    if mix == "two tiers":
+        stores = [store_with(counts, *PRECISIONS["k8v4"], dim), store_with(counts.flip(1), *PRECISIONS["k4v2"], dim)]
+    else:
+        sixteen = mix == "16-bit"  # rows held at a 16-bit storage dtype, as a cache holds them
+        stores = [store_with(counts, *PRECISIONS["16-bit" if sixteen else "k2v2 per row"], dim, torch.float16)]
+    check_step(step_case(stores, groups, dim, span=5, visible=groups != 3))
+
+
+def test_triton_decode_step_scores_low_rank_keys_and_keeps_means_or_peaks():
+    """Low-rank keys (both tiers' coefficients on one per-head basis) scored in the reduced space; a KV head taking
+    its query heads' mean attention, scores keeping their peak."""
+    torch.manual_seed(7)
+    counts = torch.tensor([[3, gpu.ROWS + 5], [0, 9]])
+    basis = torch.linalg.qr(torch.randn(4, 64, 32, device=DEVICE))[0]
+    stores = [
+        store_with(counts, Precision(8, 32, rank=32), Precision(4, 32), 64, basis=basis),
+        store_with(counts.flip(0), Precision(4, 32, rank=32), Precision(2, 32), 64, basis=basis),
+    ]
+    check_step(step_case(stores, 4, 64, span=3, visible=True, by_max=False, peak=True, basis=basis))

@@ -208,9 +208,10 @@ class LeanLayer(CompressedLayer):
         return self._layout.view(dtype, fused)
 
     def decode_step(self, dtype: torch.dtype) -> tuple | None:
-        """The decode step over the stored rows in one kernel call, with the low-rank keys' basis
-        (`PaddedLayout.decode_step`), or None: nothing stored, a query-aware policy, or no kernel reads the stores
-        (attention takes `body_view`). The step folds the attention every row receives into its score itself."""
+        """The decode step over the stored rows in one call (a numba kernel, or three Triton launches), with the
+        low-rank keys' basis (`PaddedLayout.decode_step`), or None: nothing stored, a query-aware policy, or no kernel
+        reads the stores (attention takes `body_view`). The step folds the attention every row receives into its score
+        itself."""
         if self.settings.policy.page_size or not any(tier.rows for tier in self.tiers):
             return None
         return self._layout.decode_step(dtype)

@@ -57,13 +57,14 @@ def quantize(
     return cpu.quantize(x, bits, group)
 
 
-def decode_step(keys, values, stores: list) -> cpu.DecodeStep | None:
-    """A decode step over ``stores`` in one call (`cpu.DecodeStep`), where their readers ``keys``/``values`` (from
-    `in_place`) are the CPU kernels' and there are at most two stores; else None (attention combines the readers'
-    products itself)."""
-    if not (isinstance(keys, cpu.CodedRows) and isinstance(values, cpu.CodedRows)) or len(stores) > 2:
+def decode_step(keys, values, stores: list):
+    """A decode step over ``stores`` in one call (`cpu.DecodeStep`, or `gpu.DecodeStep`'s three launches), from their
+    readers ``keys``/``values`` (`in_place`, one backend), where there are at most two stores; else None (attention
+    combines the readers' products itself)."""
+    if len(stores) > 2:
         return None
-    return cpu.DecodeStep(keys, values, stores)
+    backend = cpu if isinstance(keys, cpu.CodedRows) else _gpu()
+    return backend.DecodeStep(keys, values, stores)
 
 
 def fold(scores: torch.Tensor, n: int, held: list[tuple], width: int, reduce: str = "mean") -> None:

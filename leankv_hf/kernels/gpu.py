@@ -7,7 +7,10 @@ stores (a layer's tiers): packed int8/int4/int2 codes with a scale and zero per 
 16-bit rows as they are. The query rows of one KV head (its GQA group) go together, and long heads are split across
 programs (``ROWS`` rows each), so one long head does not serialise a layer. `scores` writes each row's logit at its
 slot (the softmax and the policies' running scores need them); `weigh` writes one partial output per program,
-summed in one pass (deterministic, no atomics); `fold` updates each row's running score in place.
+summed in one pass (deterministic, no atomics); `fold` updates each row's running score in place. A decode step
+(`DecodeStep`) does all of it with the exact window in three launches per layer: each program scores its share of a
+head's rows (or the window) and keeps a partial softmax of them, one pass per head combines those into the output
+(flash-decoding), and one more folds the attention every row received into its score.
 
 Written with the Triton API common to 3.6 (the lent GPUs) and 3.9, and tested on CPU under ``TRITON_INTERPRET=1``
 (tests/test_triton.py): every value is converted to float32 right after its load (the interpreter holds bfloat16 as
@@ -155,23 +158,208 @@ def _weigh_kernel(
 
 
 @triton.jit
+def _fold_into(score, ages, where, valid, seen, n, PEAK: tl.constexpr):
+    """Entries ``where`` of a running score (fp16 for a store's rows, float32 for the window) and its uint8 ages
+    received ``seen`` over ``n`` queries (their sum, or with ``PEAK`` their maximum): the score becomes the running
+    mean (or the maximum), the age saturates at 255 (`store.fold_scores`' arithmetic, in place)."""
+    old = tl.load(score + where, mask=valid, other=0.0).to(tl.float32)
+    weight = tl.load(ages + where, mask=valid, other=0).to(tl.float32)
+    if PEAK:
+        new = tl.maximum(old, seen)
+    else:
+        new = (old * weight + seen) / (weight + n)
+    tl.store(score + where, new.to(score.dtype.element_ty), mask=valid)
+    tl.store(ages + where, tl.minimum(weight + n, MAX_AGE).to(tl.uint8), mask=valid)
+
+
+@triton.jit
 def _fold_kernel(observed, row_stride, score, ages, segs, segments, n, PEAK: tl.constexpr, BLOCK: tl.constexpr):
-    """Row ``start(s) + j`` received ``observed[s, offset(s) + j]`` over ``n`` queries (their sum, or with ``PEAK``
-    their maximum): its fp16 score becomes the running mean (or the maximum) and its uint8 age saturates at 255
-    (`store.fold_scores`' arithmetic, in place)."""
+    """Row ``start(s) + j`` received ``observed[s, offset(s) + j]`` over ``n`` queries (`_fold_into`)."""
     s = tl.program_id(0)
     start, offset, lo, hi = _span(segs, segments, s, tl.program_id(1), BLOCK)
     j = lo + tl.arange(0, BLOCK)
     valid = j < hi
     seen = tl.load(observed + s * row_stride + offset + j, mask=valid, other=0.0).to(tl.float32)
-    old = tl.load(score + start + j, mask=valid, other=0.0).to(tl.float32)
-    weight = tl.load(ages + start + j, mask=valid, other=0).to(tl.float32)
-    if PEAK:
-        new = tl.maximum(old, seen)
+    _fold_into(score, ages, start + j, valid, seen, n, PEAK)
+
+
+@triton.jit
+def _online(z, m, total, acc, v):
+    """Logits ``z[Q, N]`` and their value rows ``v[N, D]`` into a running softmax: the maximum ``m[Q]`` so far, the
+    sum ``total[Q]`` of exponentials against it, and the weighted values ``acc[Q, D]`` (flash attention's update; a
+    row of -inf adds nothing)."""
+    new = tl.maximum(m, tl.max(z, axis=1))
+    safe = tl.where(new == float("-inf"), 0.0, new)
+    p = tl.exp(z - safe[:, None])
+    rescale = tl.exp(m - safe)
+    total = total * rescale + tl.sum(p, axis=1)
+    acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return new, total, acc
+
+
+@triton.jit
+def _attend_part(
+    qr, q_ok, cols_k, cols, scale, keys, k_scale, k_zero, values, v_scale, v_zero, segs, segments, s, program,
+    per_program, logits, logit_rows, m, total, acc,
+    DK: tl.constexpr, D: tl.constexpr, BITS_K: tl.constexpr, GROUP_K: tl.constexpr, BITS_V: tl.constexpr,
+    GROUP_V: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """A program's rows of one store: their logits written at their slots, and folded into the running softmax."""
+    start, offset, lo, hi = _span(segs, segments, s, program, per_program)
+    for first in range(lo, hi, BLOCK_N):
+        j = first + tl.arange(0, BLOCK_N)
+        valid = j < hi
+        x = _rows(keys, k_scale, k_zero, start + j, valid, cols_k, DK, BITS_K, GROUP_K)
+        z = tl.where(valid[None, :], tl.sum(qr[:, None, :] * x[None, :, :], axis=2) * scale, float("-inf"))
+        tl.store(logits + logit_rows[:, None] + (offset + j)[None, :], z, mask=q_ok[:, None] & valid[None, :])
+        v = _rows(values, v_scale, v_zero, start + j, valid, cols, D, BITS_V, GROUP_V)
+        m, total, acc = _online(z, m, total, acc, v)
+    return m, total, acc
+
+
+@triton.jit
+def _step_kernel(
+    query, reduced, window_keys, window_values, visible, scale,
+    keys_a, k_scale_a, k_zero_a, values_a, v_scale_a, v_zero_a, segs_a,
+    keys_b, k_scale_b, k_zero_b, values_b, v_scale_b, v_zero_b, segs_b,
+    logits, most, totals, partial, query_rows, heads, span, width, segments, programs, per_program,
+    DK: tl.constexpr, D: tl.constexpr, BITS_KA: tl.constexpr, GROUP_KA: tl.constexpr, BITS_VA: tl.constexpr,
+    GROUP_VA: tl.constexpr, BITS_KB: tl.constexpr, GROUP_KB: tl.constexpr, BITS_VB: tl.constexpr,
+    GROUP_VB: tl.constexpr, TWO: tl.constexpr, VISIBLE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program ``p`` of segment ``s`` attends its share of the stores' rows (part a for ``p < programs``, then part b)
+    or, the last program, the exact window: the query heads of the segment's KV head together, their logits
+    written at their slots (stored rows at ``offset(s) + j``, window token ``r`` at ``width + r``), and its partial
+    softmax (maximum, sum, weighted values) written for `_combine_kernel`."""
+    s, program = tl.program_id(0), tl.program_id(1)
+    q = tl.arange(0, BLOCK_Q)
+    q_ok, cols_k, cols = q < query_rows, tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_D)
+    logit_rows = (s * query_rows + q) * (width + span)
+    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    window = tl.num_programs(1) - 1
+    if program == window:
+        qv = tl.load(
+            query + (s * query_rows + q)[:, None] * D + cols[None, :],
+            mask=q_ok[:, None] & (cols < D)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        for first in range(0, span, BLOCK_N):
+            r = first + tl.arange(0, BLOCK_N)
+            valid = r < span
+            tile = (s * span + r)[:, None] * D + cols[None, :]
+            tile_ok = valid[:, None] & (cols < D)[None, :]
+            x = tl.load(window_keys + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            seen = valid
+            if VISIBLE:
+                seen = valid & (tl.load(visible + (s // heads) * span + r, mask=valid, other=0) != 0)
+            z = tl.where(seen[None, :], tl.sum(qv[:, None, :] * x[None, :, :], axis=2) * scale, float("-inf"))
+            tl.store(logits + logit_rows[:, None] + (width + r)[None, :], z, mask=q_ok[:, None] & valid[None, :])
+            v = tl.load(window_values + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            m, total, acc = _online(z, m, total, acc, v)
     else:
-        new = (old * weight + seen) / (weight + n)
-    tl.store(score + start + j, new.to(tl.float16), mask=valid)
-    tl.store(ages + start + j, tl.minimum(weight + n, MAX_AGE).to(tl.uint8), mask=valid)
+        qr = tl.load(
+            reduced + (s * query_rows + q)[:, None] * DK + cols_k[None, :],
+            mask=q_ok[:, None] & (cols_k < DK)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if TWO and program >= programs:
+            m, total, acc = _attend_part(
+                qr, q_ok, cols_k, cols, scale, keys_b, k_scale_b, k_zero_b, values_b, v_scale_b, v_zero_b, segs_b,
+                segments, s, program - programs, per_program, logits, logit_rows, m, total, acc,
+                DK, D, BITS_KB, GROUP_KB, BITS_VB, GROUP_VB, BLOCK_N,
+            )  # fmt: skip
+        else:
+            m, total, acc = _attend_part(
+                qr, q_ok, cols_k, cols, scale, keys_a, k_scale_a, k_zero_a, values_a, v_scale_a, v_zero_a, segs_a,
+                segments, s, program, per_program, logits, logit_rows, m, total, acc,
+                DK, D, BITS_KA, GROUP_KA, BITS_VA, GROUP_VA, BLOCK_N,
+            )  # fmt: skip
+    at = (s * tl.num_programs(1) + program) * query_rows + q
+    tl.store(most + at, m, mask=q_ok)
+    tl.store(totals + at, total, mask=q_ok)
+    tl.store(partial + at[:, None] * D + cols[None, :], acc, mask=q_ok[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    most, totals, partial, out, query_rows, programs,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Segment ``s``'s programs' partial softmaxes (`_step_kernel`) rescaled to their common maximum, in program order
+    (the same sum on every run): ``out[s, q]``, and each query head's maximum and sum over the segment written back
+    in program 0's place for `_fold_step_kernel`."""
+    s = tl.program_id(0)
+    q = tl.arange(0, BLOCK_Q)
+    q_ok, cols = q < query_rows, tl.arange(0, BLOCK_D)
+    first = s * programs * query_rows + q
+    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    for program in range(0, programs):
+        m = tl.maximum(m, tl.load(most + first + program * query_rows, mask=q_ok, other=float("-inf")))
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    for program in range(0, programs):
+        at = first + program * query_rows
+        factor = tl.exp(tl.load(most + at, mask=q_ok, other=float("-inf")) - safe)
+        total += factor * tl.load(totals + at, mask=q_ok, other=0.0)
+        part = tl.load(partial + at[:, None] * D + cols[None, :], mask=q_ok[:, None] & (cols < D)[None, :], other=0.0)
+        acc += factor[:, None] * part
+    tl.store(
+        out + (s * query_rows + q)[:, None] * D + cols[None, :],
+        acc / total[:, None],
+        mask=q_ok[:, None] & (cols < D)[None, :],
+    )
+    tl.store(most + first, safe, mask=q_ok)
+    tl.store(totals + first, total, mask=q_ok)
+
+
+@triton.jit
+def _received(logits, logit_rows, slots, valid, m, total, q_ok, query_rows, BY_MAX: tl.constexpr):
+    """What the segment's query heads gave each slot, ``exp(logit - m) / total`` per head: their maximum, or mean."""
+    z = tl.load(logits + logit_rows[:, None] + slots[None, :], mask=q_ok[:, None] & valid[None, :], other=float("-inf"))
+    p = tl.where(q_ok[:, None], tl.exp(z - m[:, None]) / total[:, None], 0.0)
+    if BY_MAX:
+        return tl.max(p, axis=0)
+    return tl.sum(p, axis=0) / query_rows
+
+
+@triton.jit
+def _fold_step_kernel(
+    logits, most, totals, score_a, ages_a, segs_a, score_b, ages_b, segs_b, recent, recent_ages,
+    query_rows, span, width, segments, programs, per_program,
+    TWO: tl.constexpr, BY_MAX: tl.constexpr, PEAK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The rows `_step_kernel`'s program ``p`` attended (its share of a store's rows, or the window) each fold the
+    attention they received (`_received`, against the segment's maximum and sum from `_combine_kernel`) into their
+    running score and age (`_fold_into`)."""
+    s, program = tl.program_id(0), tl.program_id(1)
+    q = tl.arange(0, BLOCK_Q)
+    q_ok = q < query_rows
+    logit_rows = (s * query_rows + q) * (width + span)
+    stats = s * tl.num_programs(1) * query_rows + q
+    m = tl.load(most + stats, mask=q_ok, other=0.0)
+    total = tl.load(totals + stats, mask=q_ok, other=1.0)
+    if program == tl.num_programs(1) - 1:
+        for token in range(0, span, BLOCK_N):  # (a name of its own: the other branch's rows count in int64)
+            r = token + tl.arange(0, BLOCK_N)
+            valid = r < span
+            seen = _received(logits, logit_rows, width + r, valid, m, total, q_ok, query_rows, BY_MAX)
+            _fold_into(recent, recent_ages, s * span + r, valid, seen, 1, PEAK)
+    else:
+        part = program
+        score, ages, segs = score_a, ages_a, segs_a
+        if TWO and program >= programs:
+            part = program - programs
+            score, ages, segs = score_b, ages_b, segs_b
+        start, offset, lo, hi = _span(segs, segments, s, part, per_program)
+        for first in range(lo, hi, BLOCK_N):
+            j = first + tl.arange(0, BLOCK_N)
+            valid = j < hi
+            seen = _received(logits, logit_rows, offset + j, valid, m, total, q_ok, query_rows, BY_MAX)
+            _fold_into(score, ages, start + j, valid, seen, 1, PEAK)
 
 
 def _part(rows: QuantizedTensor | torch.Tensor) -> tuple[tuple, int, int]:
@@ -241,6 +429,70 @@ class CodedRows:
             self.per_program, **constants,
         )  # fmt: skip
         return partial.sum(1).view(batch, heads, rows, self.dim).to(probs.dtype)
+
+
+class DecodeStep:
+    """One decode query per query head over the rows of one or two stores, read in place, and the exact window, in
+    three launches per layer: `_step_kernel` (each program a share of a head's rows, or its window: logits, and a
+    partial softmax over them, flash-decoding), `_combine_kernel` (the output) and `_fold_step_kernel` (the attention
+    each row and window token received, folded into its running score). The same call as `cpu.DecodeStep`; no
+    host sync: every size is known when the stores' layout is made."""
+
+    def __init__(self, keys: CodedRows, values: CodedRows, stores: list):
+        if keys.two != values.two or keys.programs != values.programs:
+            raise ValueError("keys and values must read the same stores")
+        self.keys, self.values = keys, values
+        self.stores = stores
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        reduced: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visible: torch.Tensor | None,
+        scale: float,
+        by_max: bool,
+        peak: bool,
+        recent: torch.Tensor,
+        recent_ages: torch.Tensor,
+    ) -> torch.Tensor:
+        """As `cpu.DecodeStep.__call__`: ``query[B, H, G, D]``, ``reduced`` what scores the stored keys, the window
+        ``keys``/``values`` ``[B, H, R, D]``, ``visible[B, R]`` (None: all); ``recent``/``recent_ages`` ``[B, H, R]``
+        and the stores' scores and ages are updated in place. Returns the output ``[B, H, G, D]``."""
+        batch, heads, groups, dim = query.shape
+        segments, span, width = batch * heads, keys.shape[2], self.keys.shape[2]
+        k, v = self.keys, self.values
+        parts = 2 if k.two else 1
+        programs = k.programs * parts + 1  # and the window's
+        device = query.device
+        logits = torch.empty(segments, groups, width + span, device=device)
+        most, totals = (torch.empty(segments, programs, groups, device=device) for _ in range(2))
+        partial = torch.empty(segments, programs, groups, dim, device=device)
+        out = torch.empty(segments, groups, dim, device=device)
+        block_q, block_n, block_d = _blocks(groups, dim)
+        block_dk = max(triton.next_power_of_2(k.dim), 16)  # low-rank keys: fewer columns than the values
+        tensors_a, tensors_b = ((*k.args[i : i + 3], *v.args[i : i + 3], k.args[i + 3]) for i in (0, 4))
+        _step_kernel[(segments, programs)](
+            query.contiguous(), reduced.contiguous(), keys.contiguous(), values.contiguous(),
+            keys if visible is None else visible.contiguous(), scale, *tensors_a, *tensors_b,
+            logits, most, totals, partial, groups, heads, span, width, segments, k.programs, k.per_program,
+            DK=k.dim, D=dim, BITS_KA=k.bits_a, GROUP_KA=k.group_a, BITS_VA=v.bits_a, GROUP_VA=v.group_a,
+            BITS_KB=k.bits_b, GROUP_KB=k.group_b, BITS_VB=v.bits_b, GROUP_VB=v.group_b, TWO=k.two,
+            VISIBLE=visible is not None, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_D=block_d,
+        )  # fmt: skip
+        _combine_kernel[(segments,)](
+            most, totals, partial, out, groups, programs, D=dim, BLOCK_Q=block_q, BLOCK_D=block_d
+        )
+        held = [(store.scores, store.ages) for store in self.stores]
+        (score_a, ages_a), (score_b, ages_b) = held[0], held[-1]
+        _fold_step_kernel[(segments, programs)](
+            logits, most, totals, score_a, ages_a, k.args[3], score_b, ages_b, k.args[7],
+            recent.view(segments, span), recent_ages.view(segments, span),  # in place: a copy would be lost
+            groups, span, width, segments, k.programs, k.per_program,
+            TWO=k.two, BY_MAX=by_max, PEAK=peak, BLOCK_Q=block_q, BLOCK_N=ROWS,
+        )  # fmt: skip
+        return out.view(batch, heads, groups, dim).to(query.dtype)
 
 
 def _by_segment(x: torch.Tensor) -> torch.Tensor:
