@@ -96,20 +96,23 @@ def test_triton_bfloat16_queries_get_bfloat16_products():
     check_products([store], query_rows=3, dim=64, dtype=torch.bfloat16, tol=2e-2)
 
 
-@pytest.mark.parametrize("step", ["products", "fused step"])
-def test_triton_generation_matches_the_padded_view(tiny_tok, monkeypatch, step):
+def test_triton_generation_matches_the_padded_view(tiny_tok, monkeypatch):
     """The unified cache decoding through the Triton kernels (forced in place of numba on CPU) gives the padded
     view's tokens and logits within float summation order: through the products (scores, weigh, fold) with the
-    softmax between them, or a decode step's three launches (`gpu.DecodeStep`)."""
+    softmax between them, and through a decode step's three launches (`gpu.DecodeStep`)."""
     from helpers import GREEDY, TINY_PROMPT, lively
 
     from leankv_hf import UnifiedLeanCache, kernels
 
     model = lively("llama").to(DEVICE)
     ids = tiny_tok([TINY_PROMPT, "short one"], return_tensors="pt", padding=True).to(DEVICE)
+    steps = []  # the fused step's calls
+    call = gpu.DecodeStep.__call__
+    monkeypatch.setattr(gpu.DecodeStep, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
 
-    def run(fused: str) -> torch.Tensor:
+    def run(fused: str, step=None) -> torch.Tensor:
         monkeypatch.setenv("LEANKV_FUSED", fused)
+        monkeypatch.setattr(kernels, "decode_step", step or (lambda *readers: None))  # None: the products
         cache = UnifiedLeanCache(model, preset="leankv", group_size=16, buffer=8, window=8, interval=4)
         out = model.generate(
             **ids, past_key_values=cache, max_new_tokens=10, return_dict_in_generate=True, output_scores=True, **GREEDY
@@ -120,18 +123,14 @@ def test_triton_generation_matches_the_padded_view(tiny_tok, monkeypatch, step):
         monkeypatch.setattr(kernels, "enabled", lambda device="cpu": os.environ["LEANKV_FUSED"] == "1")
         monkeypatch.setattr(kernels.cpu, "CodedRows", gpu.CodedRows)
         monkeypatch.setattr(kernels.cpu, "fusable", gpu.fusable)
-        fused = gpu.DecodeStep if step == "fused step" else lambda *readers: None  # not numba's one-call step
-        monkeypatch.setattr(kernels, "decode_step", fused)
-    elif step == "products":
-        monkeypatch.setattr(kernels, "decode_step", lambda *readers: None)
-    steps = []
-    call = gpu.DecodeStep.__call__
-    monkeypatch.setattr(gpu.DecodeStep, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
-    via_triton = run("1")
-    assert bool(steps) == (step == "fused step")
     padded = run("0")
-    assert torch.equal(via_triton[0], padded[0])
-    torch.testing.assert_close(via_triton[1], padded[1], rtol=1e-3, atol=1e-3)
+    products = run("1")
+    assert not steps
+    fused = run("1", gpu.DecodeStep)
+    assert steps
+    for via_triton in (products, fused):
+        assert torch.equal(via_triton[0], padded[0])
+        torch.testing.assert_close(via_triton[1], padded[1], rtol=1e-3, atol=1e-3)
 
 
 COMPILE = r"""

@@ -135,11 +135,12 @@ class LeanLayer(CompressedLayer):
         if not self.attended or self.pending:
             raise RuntimeError(UNATTENDED)
         self.attended = False
-        batch, heads, new = key_states.shape[:3]
+        new = key_states.shape[2]
         self._append(key_states, value_states)
-        self.recent_scores = torch.cat([self.recent_scores, self.recent_scores.new_zeros(batch, heads, new)], -1)
-        self.recent_ages = torch.cat([self.recent_ages, self.recent_ages.new_zeros(batch, heads, new)], -1)
-        self.recent_valid = torch.cat([self.recent_valid, self.recent_valid.new_ones(batch, new)], -1)
+        # One operation each (a padded copy), not a fill and a concatenation: a decode step runs them in every layer.
+        self.recent_scores = F.pad(self.recent_scores, (0, new))
+        self.recent_ages = F.pad(self.recent_ages, (0, new))
+        self.recent_valid = F.pad(self.recent_valid, (0, new), value=True)
         self.seen += new
         return self._tagged_window(key_states, value_states, "leankv_layer")
 
