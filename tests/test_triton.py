@@ -267,7 +267,7 @@ def check_step(results, tol=1e-4):
     assert torch.equal(window_gpu[1], window[1])
 
 
-@pytest.mark.parametrize("groups", [1, 3, 8])
+@pytest.mark.parametrize("groups", [1, 3, 8, 20])
 @pytest.mark.parametrize("mix", ["two tiers", "one store", "16-bit"])
 def test_triton_decode_step_matches_the_cpu_step(groups, mix):
     """The fused GPU step (logits and partial softmax per program, combined, then folded) gives the numba step's

@@ -470,7 +470,11 @@ class DecodeStep:
         most, totals = (torch.empty(segments, programs, groups, device=device) for _ in range(2))
         partial = torch.empty(segments, programs, groups, dim, device=device)
         out = torch.empty(segments, groups, dim, device=device)
-        block_q, block_n, block_d = _blocks(groups, dim)
+        # Every query head of a KV head in one program (the products split more than 16 over programs; a step's
+        # softmax would then need combining across them too), so the tile takes fewer stored rows instead.
+        _, _, block_d = _blocks(groups, dim)
+        block_q = triton.next_power_of_2(groups)
+        block_n = min(ROWS, max(16, TILE // (block_q * block_d)))
         block_dk = max(triton.next_power_of_2(k.dim), 16)  # low-rank keys: fewer columns than the values
         tensors_a, tensors_b = ((*k.args[i : i + 3], *v.args[i : i + 3], k.args[i + 3]) for i in (0, 4))
         _step_kernel[(segments, programs)](
