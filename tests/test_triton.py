@@ -267,9 +267,12 @@ def check_step(results, tol=1e-4):
     assert torch.equal(window_gpu[1], window[1])
 
 
-@pytest.mark.parametrize("groups", [1, 3, 8, 20])
-@pytest.mark.parametrize("mix", ["two tiers", "one store", "16-bit"])
-def test_triton_decode_step_matches_the_cpu_step(groups, mix):
+@pytest.mark.parametrize(
+    ("mix", "groups"),
+    # GQA groups on one mix (each group count over four compiles another numba step, the reference: ~20 s cold)
+    [("two tiers", 1), ("two tiers", 3), ("two tiers", 8), ("two tiers", 20), ("one store", 3), ("16-bit", 3)],
+)
+def test_triton_decode_step_matches_the_cpu_step(mix, groups):
     """The fused GPU step (logits and partial softmax per program, combined, then folded) gives the numba step's
     output and updates the same scores: heads of 0, 1, odd and split row counts, a window partly hidden."""
     torch.manual_seed(6)
