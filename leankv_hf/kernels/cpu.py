@@ -209,8 +209,8 @@ def _routines(bits: int, groups: int):
 @functools.cache
 def _score(bits: int, groups: int, blocks: int):
     """`_routines`' ``score`` for query rows in ``blocks`` blocks of `QUERY_BLOCK`, a compile-time count (a decode
-    step's query heads per KV head): LLVM then unrolls the loop over blocks, which at one block scores a row 17-27%
-    faster than with the count read at run time (``blocks=0``, for queries of any length)."""
+    step's query heads per KV head): LLVM then unrolls the loop over blocks, which at one block scores a row 9-22%
+    faster than with the count read at run time (``blocks=0``, for queries of any length; eval/RESULTS.md)."""
     f32 = np.float32
     per = max(8 // bits, 1)
     mask = (1 << bits) - 1

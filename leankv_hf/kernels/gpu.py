@@ -369,10 +369,12 @@ def _part(rows: QuantizedTensor | torch.Tensor) -> tuple[tuple, int, int]:
     return (rows, rows, rows), 16, 1
 
 
-def _blocks(query_rows: int, dim: int) -> tuple[int, int, int]:
-    """Query rows, stored rows and columns one program holds: the query rows of a KV head together (up to 16),
-    as many stored rows as `TILE` allows (16 to `ROWS`)."""
-    block_q = min(triton.next_power_of_2(query_rows), 16)
+def _blocks(query_rows: int, dim: int, every_row: bool = False) -> tuple[int, int, int]:
+    """Query rows, stored rows and columns one program holds: the query rows of a KV head together (up to 16, the
+    rest in more programs; ``every_row``: all of them, as a decode step's softmax is not combined across programs
+    of query rows), as many stored rows as `TILE` allows (16 to `ROWS`)."""
+    block_q = triton.next_power_of_2(query_rows)
+    block_q = block_q if every_row else min(block_q, 16)
     block_d = max(triton.next_power_of_2(dim), 16)
     return block_q, min(ROWS, max(16, TILE // (block_q * block_d))), block_d
 
@@ -470,11 +472,7 @@ class DecodeStep:
         most, totals = (torch.empty(segments, programs, groups, device=device) for _ in range(2))
         partial = torch.empty(segments, programs, groups, dim, device=device)
         out = torch.empty(segments, groups, dim, device=device)
-        # Every query head of a KV head in one program (the products split more than 16 over programs; a step's
-        # softmax would then need combining across them too), so the tile takes fewer stored rows instead.
-        _, _, block_d = _blocks(groups, dim)
-        block_q = triton.next_power_of_2(groups)
-        block_n = min(ROWS, max(16, TILE // (block_q * block_d)))
+        block_q, block_n, block_d = _blocks(groups, dim, every_row=True)
         block_dk = max(triton.next_power_of_2(k.dim), 16)  # low-rank keys: fewer columns than the values
         tensors_a, tensors_b = ((*k.args[i : i + 3], *v.args[i : i + 3], k.args[i + 3]) for i in (0, 4))
         _step_kernel[(segments, programs)](
