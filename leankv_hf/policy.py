@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 PRUNED = -1
 
 
@@ -38,7 +40,11 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
     Ranked by one integer key per slot, unique, larger for a higher score and, among equal scores, for an earlier
     slot: its top ``max(k)`` are a stable descending sort's first slots, and a partial sort of integers takes a
-    fraction of a full sort of floats (the ranking is most of a compaction's time on CPU). One host read."""
+    fraction of a full sort of floats (the ranking is most of a compaction's time on CPU). One host read; on CPU one
+    kernel call (`kernels.topk_mask`)."""
+    fused = kernels.topk_mask(scores, k)
+    if fused is not None:
+        return fused
     n = scores.shape[-1]
     k = k.view(*k.shape, *([1] * (scores.dim() - k.dim())))
     least, most = torch.stack(torch.aminmax(k)).tolist() if k.numel() else (n, n)
@@ -122,11 +128,15 @@ class Policy:
 
     def pooled(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Scores max-pooled over neighbouring positions. Candidate slots are in position order only right after
-        the prefill (later: stored rows per tier, then the tokens leaving the window), so sort, pool, scatter back."""
+        the prefill (later: stored rows per tier, then the tokens leaving the window), so sort, pool, scatter back (on CPU
+        in one kernel call: `kernels.pooled`)."""
         if self.pooling <= 1:
             return scores
+        fused = kernels.pooled(scores, positions, self.pooling)
+        if fused is not None:
+            return fused
         b, h, n = scores.shape
-        order = positions.argsort(dim=-1)
+        order = torch.sort(positions, dim=-1, stable=True).indices  # ties (padding slots at 0) in slot order
         flat = scores.gather(-1, order).reshape(b * h, 1, n).clamp_min(0)  # -inf slots pool as 0, stay excluded
         pooled = F.max_pool1d(flat, self.pooling, stride=1, padding=self.pooling // 2).view(b, h, n)
         pooled = torch.empty_like(pooled).scatter_(-1, order, pooled)
@@ -404,4 +414,6 @@ def sparse_policy(name: str, **options) -> Policy:
     for key, value in options.items():
         if isinstance(value, (int, float)) and (value < 0 or (isinstance(value, float) and math.isnan(value))):
             raise ValueError(f"policy option {key}={value!r} must be >= 0")
+    if policy.pooling > 1 and policy.pooling % 2 == 0:
+        raise ValueError(f"pooling={policy.pooling!r} must be odd (a window centred on each token), or 1 (off)")
     return policy

@@ -399,14 +399,19 @@ def test_generation_through_the_kernels_matches_the_padded_view(tiny_tok, monkey
 @pytest.mark.parametrize("tokens", [50, 90])
 def test_rows_are_quantized_in_one_call_to_the_same_bits(bits, group, dtype, tokens):
     """`kernels.quantize` (what a store encodes with on CPU) against `quant.quantize`: the same codes, scales and zeros,
-    bit for bit, on rows of every scale, constant groups, tiny and huge values; a group with a NaN, an infinity or a
-    scale past float16 is NaN in both (the torch code leaves its codes as they fall, the kernel writes 0). 600 rows
-    take the one-thread kernel (a compaction's), 1080 the parallel one (a prompt's)."""
+    bit for bit, on rows of every scale, constant groups, tiny and huge values, and groups whose least or greatest value
+    is a zero of either sign (which one counts: the first); a group with a NaN, an infinity or a scale past float16 is
+    NaN in both (the torch code leaves its codes as they fall, the kernel writes 0). 600 and 1080 rows: tasks of
+    `QUANTIZE_CHUNK` rows and a shorter last one."""
     from leankv_hf.quant import quantize
 
-    assert (4 * 3 * tokens > 4 * cpu.CHUNK) == (tokens == 90)
+    assert 4 * 3 * tokens % cpu.QUANTIZE_CHUNK
     torch.manual_seed(bits * group)
     rows = torch.randn(4, 3, tokens, 64) * torch.exp2(torch.randint(-20, 12, (4, 3, tokens, 1)).float())
+    rows[2, 0, :4] = rows[2, 0, :4].abs()  # least values: zeros of both signs
+    rows[2, 0, :4, :2] = torch.tensor([[-0.0, 0.0], [0.0, -0.0]]).repeat(2, 1)
+    rows[2, 1, :4] = -rows[2, 1, :4].abs()  # greatest values: zeros of both signs
+    rows[2, 1, :4, :2] = torch.tensor([[-0.0, 0.0], [0.0, -0.0]]).repeat(2, 1)
     rows[0, 0, :5] = 3.0  # constant groups
     rows[0, 1, :5] = 1e-9  # rounds to a zero zero
     rows[0, 1, 5:10] = -1e-9

@@ -115,6 +115,34 @@ def test_pooling_runs_over_neighbouring_positions_not_slots():
     assert sorted(positions[keep].tolist()) == [5, 6, 7]
 
 
+@pytest.mark.parametrize("pooling", [3, 7])
+def test_pooling_in_one_cpu_kernel_call_gives_the_torch_paths_scores(pooling, monkeypatch):
+    """The CPU kernel (`kernels.pooled`) against the torch code, bit for bit: heads whose slots hold positions in runs
+    (as after compactions), excluded slots (-inf), and padding slots, all at position 0 (ties go in slot order)."""
+    generator = torch.Generator().manual_seed(pooling)
+    for width in (5, 40, 300):
+        scores = torch.rand(2, 3, width, generator=generator)
+        scores[torch.rand(2, 3, width, generator=generator) < 0.2] = float("-inf")
+        runs = [
+            torch.randperm(width + 50, generator=generator)[:width].view(4, -1).sort().values.flatten()
+            if width % 4 == 0
+            else torch.randperm(width + 50, generator=generator)[:width]
+            for _ in range(6)
+        ]
+        positions = torch.stack(runs).view(2, 3, width)
+        positions[0, 1, width // 2 :] = 0  # padding slots
+        pooled = {}
+        for fused in ("1", "0"):
+            monkeypatch.setenv("LEANKV_FUSED", fused)
+            pooled[fused] = TopKPolicy(pooling=pooling).pooled(scores, positions)
+        assert torch.equal(pooled["1"], pooled["0"])
+
+
+def test_an_even_pooling_window_is_refused():
+    with pytest.raises(ValueError, match="pooling=4 must be odd"):
+        sparse_policy("snapkv", pooling=4)
+
+
 def test_ranked_is_what_the_policy_ranks_and_assign_follows_it():
     """`Policy.ranked` (what `share_budget` compares across layers, `LeanLayer.competing`): pooled scores of the
     tokens free to go; sinks, padding and NaN scores at -inf; the budget less the sinks. `assign` keeps its best."""
@@ -184,10 +212,13 @@ def test_quest_page_size_is_validated(page_size):
         sparse_policy("quest", page_size=page_size)
 
 
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["cpu kernel", "torch"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["k per batch row", "k per head"])
-def test_topk_mask_keeps_what_a_stable_descending_sort_ranks_first(per_head):
+def test_topk_mask_keeps_what_a_stable_descending_sort_ranks_first(per_head, fused, monkeypatch):
     """`topk_mask` against its definition (the ``k`` first slots of a stable descending sort): ties to the earlier
-    slot, -0.0 tied with 0.0, -inf last, NaN first, any ``k`` from 0 to past the row."""
+    slot, -0.0 tied with 0.0, -inf last, NaN first, any ``k`` from 0 to past the row; in the CPU kernel
+    (`kernels.topk_mask`) and in torch."""
+    monkeypatch.setenv("LEANKV_FUSED", fused)
     torch.manual_seed(0)
     scores = torch.randint(0, 6, (4, 3, 40)).float() / 4  # many ties
     scores[0, 0, ::5], scores[1, 1, 3], scores[1, 1, 7] = -torch.inf, float("nan"), -0.0

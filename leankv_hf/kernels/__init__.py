@@ -89,3 +89,17 @@ def candidate_table(counts: torch.Tensor, scores, positions, recent, recent_vali
     if counts.device.type != "cpu" or not enabled(counts.device):
         return None
     return cpu.candidate_table(counts, scores, positions, recent, recent_valid, exiting, start)
+
+
+def pooled(scores: torch.Tensor, positions: torch.Tensor, pooling: int) -> torch.Tensor | None:
+    """`policy.Policy.pooled` in one CPU kernel call (`cpu.pooled`), or None where it does not run."""
+    if scores.device.type != "cpu" or not enabled(scores.device):
+        return None
+    return cpu.pooled(scores, positions, pooling)
+
+
+def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """`policy.topk_mask` in one CPU kernel call (`cpu.topk_mask`), or None where it does not run."""
+    if scores.device.type != "cpu" or not enabled(scores.device):
+        return None
+    return cpu.topk_mask(scores, k)

@@ -59,6 +59,7 @@ def _prange_only() -> dict:
 
 QUERY_BLOCK = 4  # query rows a kernel scores together (one code read feeds four accumulators)
 CHUNK = 256  # stored rows one parallel task reads: a long head is split, so a few heads still fill every thread
+QUANTIZE_CHUNK = 64  # rows one task quantizes: a compaction's few hundred still split evenly over the threads
 
 
 def fusable(parts: list) -> bool:
@@ -595,53 +596,78 @@ if numba is not None:
             return np.uint16(h + 1 if (h < 0x8000) == up else h - 1)
         return h
 
+    def _extremes_of(fast: bool):
+        """The least and the greatest of ``v``, compiled without fastmath (a loop that stays scalar: float minima and
+        maxima keep NaNs and signed zeros apart) or with it (vectorized; exact for finite values but for which zero an
+        extreme that is zero keeps, so `_quantize_row` takes such extremes again in order). Each its own name
+        (`_variant`)."""
+
+        @_variant("extremes_fast" if fast else "extremes", inline="always", fastmath=fast)
+        def extremes(v):  # pragma: no cover (jit)
+            lo, hi = v[0], v[0]
+            for d in range(v.shape[0]):
+                lo, hi = min(lo, v[d]), max(hi, v[d])
+            return lo, hi
+
+        return extremes
+
+    _fast_extremes, _extremes = _extremes_of(True), _extremes_of(False)
+
+    @numba.njit(inline="always")
+    def _finite(v):  # pragma: no cover (jit)
+        """Whether every value of float32 ``v`` is finite, from their exponent bits (a loop LLVM vectorizes)."""
+        bits = v.view(np.uint32)
+        bad = np.uint32(0)
+        for d in range(bits.shape[0]):
+            bad |= np.uint32((bits[d] & 0x7F800000) == 0x7F800000)
+        return bad == 0
+
     @numba.njit(inline="always")
     def _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes):  # pragma: no cover (jit)
         """`quant.quantize` of row ``i`` of ``x[N, D]`` (float32) for per-token groups of ``group`` channels, int codes
-        and float16 scale/zero: the same arithmetic in the same order (no fastmath), so the same bits. Row ``i`` of
-        ``payload[N, D * bits / 8]`` (packed as `quant.packing` packs), ``scale``/``zero`` ``[N, D / group]`` (fp16
-        bits) is written; ``codes[D]`` is scratch. A group holding a NaN or an infinity, or whose scale overflows, gets
-        NaN scale and zero and codes 0. The codes are computed first and packed after: two loops LLVM vectorizes."""
+        and float16 scale/zero: the same arithmetic in the same order (no fastmath but for `_fast_extremes`), so the
+        same bits. Row ``i`` of ``payload[N, D * bits / 8]`` (packed as `quant.packing` packs), ``scale``/``zero`` ``[N,
+        D / group]`` (fp16 bits) is written; ``codes[D]`` is scratch. A group holding a NaN or an infinity, or whose
+        scale overflows, gets NaN scale and zero and codes 0. The codes are computed first and packed after: loops LLVM
+        vectorizes."""
         dim = x.shape[1]
         levels = (1 << bits) - 1
+        top = np.float32(levels)
         per = 8 // bits
+        row = x[i]
         for g in range(dim // group):
-            lo, hi, finite = x[i, g * group], x[i, g * group], True
-            for d in range(g * group, (g + 1) * group):
-                v = x[i, d]
-                finite = finite and np.isfinite(v)
-                lo, hi = min(lo, v), max(hi, v)
-            low = _half_outward(lo, False, powers, mantissa)
-            z = _float16(low, powers, mantissa)
-            step = _half_outward((hi - z) / np.float32(levels), True, powers, mantissa)
-            if not finite or (low & 0x7C00) == 0x7C00 or (step & 0x7C00) == 0x7C00:
+            v = row[g * group : (g + 1) * group]
+            low = step = np.uint16(0x7C00)  # stay infinite where the group is not finite
+            if _finite(v):
+                lo, hi = _fast_extremes(v)
+                if lo == 0 or hi == 0:  # which zero: as the ordered loop keeps it
+                    lo, hi = _extremes(v)
+                low = _half_outward(lo, False, powers, mantissa)
+                z = _float16(low, powers, mantissa)
+                step = _half_outward((hi - z) / top, True, powers, mantissa)
+            if (low & 0x7C00) == 0x7C00 or (step & 0x7C00) == 0x7C00:
                 scale[i, g], zero[i, g] = 0x7E00, 0x7E00
                 codes[g * group : (g + 1) * group] = 0
                 continue
             scale[i, g], zero[i, g] = step, low
             s = _float16(step, powers, mantissa)
             safe = s if s > 0 else np.float32(1)  # scale 0: a constant group, every code 0
-            for d in range(g * group, (g + 1) * group):
-                codes[d] = np.uint8(min(max(np.rint((x[i, d] - z) / safe), np.float32(0)), np.float32(levels)))
+            for d in range(group):
+                c = np.rint((v[d] - z) / safe)
+                c = c if c > 0 else np.float32(0)
+                codes[g * group + d] = np.uint8(np.int32(c if c < top else top))
         for b in range(dim // per):
             byte = np.uint8(0)
             for p in range(per):
                 byte |= codes[b * per + p] << (p * bits)
             payload[i, b] = byte
 
-    @numba.njit(boundscheck=False, cache=True)
-    def _quantize(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
-        """`_quantize_row` of every row, on one thread: a compaction's few rows cost less than waking the others."""
-        codes = np.empty(x.shape[1], np.uint8)
-        for i in range(x.shape[0]):
-            _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes)
-
     @numba.njit(parallel=_prange_only(), boundscheck=False, cache=True)
-    def _quantize_parallel(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
-        """`_quantize_row` of every row, in parallel (a prompt's rows)."""
-        for t in numba.prange(-(-x.shape[0] // CHUNK)):
+    def _quantize(x, bits, group, powers, mantissa, payload, scale, zero):  # pragma: no cover (jit)
+        """`_quantize_row` of every row, in tasks of `QUANTIZE_CHUNK` rows run in parallel."""
+        for t in numba.prange(-(-x.shape[0] // QUANTIZE_CHUNK)):
             codes = np.empty(x.shape[1], np.uint8)
-            for i in range(t * CHUNK, min((t + 1) * CHUNK, x.shape[0])):
+            for i in range(t * QUANTIZE_CHUNK, min((t + 1) * QUANTIZE_CHUNK, x.shape[0])):
                 _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes)
 
     @numba.njit(cache=True, boundscheck=False)
@@ -671,6 +697,43 @@ if numba is not None:
                 table[s, slot + i], at[s, slot + i] = recent[s, i], start + i
                 valid[s, slot + i] = recent_valid[s // heads, i]
         return table, at, valid
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _pool(scores, order, width, out):  # pragma: no cover (jit)
+        """`pooled` of each row of ``scores[S, W]`` whose slots in position order are ``order[S, W]``: the most any of
+        the ``width`` slots around a slot in that order holds (clamped at 0; a -inf slot stays -inf)."""
+        half = width // 2
+        slots = scores.shape[1]
+        line = np.empty(slots, np.float32)
+        for s in range(scores.shape[0]):
+            for i in range(slots):
+                v = scores[s, order[s, i]]
+                line[i] = v if v > 0 else np.float32(0)
+            for i in range(slots):
+                most = line[i]
+                for j in range(max(i - half, 0), min(i + half + 1, slots)):
+                    most = max(most, line[j])
+                k = order[s, i]
+                out[s, k] = scores[s, k] if scores[s, k] == -np.inf else most
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _topk(scores, k, out):  # pragma: no cover (jit)
+        """`topk_mask` of each row of float32 ``scores[R, W]``, keeping ``k[R]``: each slot's key as `policy.topk_mask`
+        makes it, and the least key kept from a partial sort (the keys are unique: exactly ``k`` are at least it)."""
+        slots = scores.shape[1]
+        bits = scores.view(np.int32)
+        key = np.empty(slots, np.int64)
+        for r in range(scores.shape[0]):
+            if k[r] <= 0 or k[r] >= slots:
+                out[r] = k[r] > 0
+                continue
+            for i in range(slots):
+                b = np.int64(0) if scores[r, i] == 0 else np.int64(bits[r, i])  # -0.0 ties with 0.0
+                ordered = np.int64(2**31 - 1) if np.isnan(scores[r, i]) else b ^ ((b >> 31) & 0x7FFFFFFF)
+                key[i] = (ordered << 32) + (slots - 1 - i)
+            least = np.partition(key, slots - k[r])[slots - k[r]]
+            for i in range(slots):
+                out[r, i] = key[i] >= least
 
     @numba.njit(cache=True, boundscheck=False)
     def _plan(counts, target, exiting):  # pragma: no cover (jit)
@@ -763,6 +826,25 @@ def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int):
     )
 
 
+def pooled(scores: torch.Tensor, positions: torch.Tensor, pooling: int) -> torch.Tensor:
+    """`policy.Policy.pooled` of float32 ``scores`` at int64 ``positions`` ``[..., W]``: numpy's stable sort puts the
+    slots in position order (a fraction of torch's time on a compaction's runs of sorted rows), one kernel pools."""
+    rows = scores.reshape(-1, scores.shape[-1]).contiguous()
+    order = np.argsort(positions.reshape(rows.shape).numpy(), axis=-1, kind="stable")
+    out = torch.empty_like(rows)
+    _pool(rows.numpy(), order, pooling, out.numpy())
+    return out.view(scores.shape)
+
+
+def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`policy.topk_mask` in one kernel call: a partial sort per row (a fraction of torch's ``topk`` of the keys)."""
+    rows = scores.float().reshape(-1, scores.shape[-1]).contiguous()
+    keep = k.view(*k.shape, *([1] * (scores.dim() - 1 - k.dim()))).expand(scores.shape[:-1])
+    out = torch.empty(rows.shape, dtype=torch.bool)
+    _topk(rows.numpy(), keep.reshape(-1).long().contiguous().numpy(), out.numpy())
+    return out.view(scores.shape)
+
+
 def quantizable(x: torch.Tensor, bits: int, group: int, axis: str, fmt: str, scale_dtype: torch.dtype) -> bool:
     """Whether `quantize` does ``quant.quantize(x, bits, group, axis, fmt, scale_dtype)``: rows on CPU in a float type
     of at most 32 bits, int codes in per-token groups that tile a row, float16 scales."""
@@ -787,8 +869,7 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> QuantizedTensor:
     payload = torch.empty(rows.shape[0], dim * bits // 8, dtype=torch.uint8)
     scale, zero = (torch.empty(rows.shape[0], dim // group, dtype=torch.float16) for _ in range(2))
     _use_torch_threads()
-    kernel = _quantize_parallel if rows.shape[0] > 4 * CHUNK else _quantize
-    _run(kernel, rows.numpy(), bits, group, *_powers(torch.float16), payload.numpy(), _bits(scale), _bits(zero))
+    _run(_quantize, rows.numpy(), bits, group, *_powers(torch.float16), payload.numpy(), _bits(scale), _bits(zero))
     return QuantizedTensor(
         payload.view(*lead, -1), scale.view(*lead, -1), zero.view(*lead, -1), bits, group, "token", "int", dim, x.dtype
     )
