@@ -500,7 +500,7 @@ class PaddedLayout:
         """A decode step over the stores in one call (`kernels.decode_step`: the stores read in place), with
         the low-rank keys' basis in ``dtype`` (or None); None where no kernel does it. A decode step needs nothing
         else of the body: no view, no mask of the valid slots."""
-        step = self._in_place()[2]
+        step = self._in_place()[2] if self.width else None
         return None if step is None else (step, self._basis(dtype))
 
     def _in_place(self) -> tuple:

@@ -213,7 +213,7 @@ class LeanLayer(CompressedLayer):
         low-rank keys' basis (`PaddedLayout.decode_step`), or None: nothing stored, a query-aware policy, or no kernel
         reads the stores (attention takes `body_view`). The step folds the attention every row receives into its score
         itself."""
-        if self.settings.policy.page_size or not any(tier.rows for tier in self.tiers):
+        if self.settings.policy.page_size or self._layout is None:  # no layout: nothing stored yet
             return None
         return self._layout.decode_step(dtype)
 

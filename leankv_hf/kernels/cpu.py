@@ -876,6 +876,8 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> QuantizedTensor:
 
 
 _compiled = [False]  # whether a kernel was compiled since the last call (`_run`)
+_ALL_VISIBLE = np.zeros((0, 0), np.bool_) if numba is not None else None  # a decode step's ``visible``: every column
+_HALF = _powers(torch.float16) if numba is not None else None  # how the kernels read float16 bits
 
 
 def _run(kernel, *args) -> None:
@@ -1033,14 +1035,9 @@ class DecodeStep:
         _use_torch_threads()
         batch, heads, groups, dim = query.shape
         flat = batch * heads
-
-        def rows(t: torch.Tensor) -> np.ndarray:  # numpy's reshape and copy cost less per call than torch's
-            t = t if t.dtype == torch.float32 else t.float()
-            return np.ascontiguousarray(t.numpy().reshape(flat, *t.shape[2:]))
-
-        queries = rows(query)
+        queries = _segment_rows(query, flat)
         if visible is None:
-            seen = np.zeros((0, 0), np.bool_)
+            seen = _ALL_VISIBLE
         else:
             seen = np.ascontiguousarray(np.broadcast_to(visible.numpy()[:, None], (batch, heads, visible.shape[-1])))
             seen = seen.reshape(flat, -1)
@@ -1051,8 +1048,17 @@ class DecodeStep:
         out = np.empty((flat, groups, dim), np.float32)
         kernel = _step_kernel(*self.mix, -(-groups // QUERY_BLOCK))
         _run(
-            kernel, queries, queries if reduced is query else rows(reduced), rows(keys), rows(values), seen,
-            np.float32(scale), self.stored[0], self.stored[-1], self.tasks, scores[0], scores[-1],
-            _powers(torch.float16), peak, by_max, recent.view(flat, -1).numpy(), recent_ages.view(flat, -1).numpy(), out,
+            kernel, queries, queries if reduced is query else _segment_rows(reduced, flat), _segment_rows(keys, flat),
+            _segment_rows(values, flat), seen, np.float32(scale), self.stored[0], self.stored[-1], self.tasks,
+            scores[0], scores[-1], _HALF, peak, by_max, recent.view(flat, -1).numpy(),
+            recent_ages.view(flat, -1).numpy(), out,
         )  # fmt: skip
-        return torch.from_numpy(out).view(batch, heads, groups, dim).to(query.dtype)
+        out = torch.from_numpy(out.reshape(batch, heads, groups, dim))
+        return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+
+def _segment_rows(t: torch.Tensor, flat: int) -> np.ndarray:
+    """``t[B, H, ...]`` as a contiguous float32 ``[B * H, ...]`` array (numpy's reshape and copy cost less per call
+    than torch's)."""
+    t = t if t.dtype == torch.float32 else t.float()
+    return np.ascontiguousarray(t.numpy().reshape(flat, *t.shape[2:]))
