@@ -5,8 +5,9 @@
 Rounds of ``--steps`` decode steps with, in turn: the full cache; the method; the method with its fused kernel step
 (`kernels.cpu.DecodeStep`) answering zeros instead (what the rest of the step costs; its scores then stop moving, so
 only a few rounds stay comparable); and the method calling the kernel twice (what one more call costs with its data
-just read). For the method it also gives the time inside `LeanLayer.update` and `LeanLayer.compact`. Medians of
-rounds, ms per step.
+just read). For both caches it gives the time inside the model's attention modules (projections, rotary, the cache
+and attention), and for the method the time inside `LeanLayer.update`, `LeanLayer.compact` and the decode step's call
+(the kernel and its wrapper). Medians of rounds, ms per step.
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ from leankv_hf.models import load_model
 inside = defaultdict(float)  # seconds spent in each timed method since the round began
 
 
-def timed(cls: type, name: str) -> None:
-    function = getattr(cls, name)
+def timed(function, label: str):
+    """``function``, adding the seconds spent inside it to ``inside[label]``."""
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
-            inside[name] += time.perf_counter() - start
+            inside[label] += time.perf_counter() - start
 
-    setattr(cls, name, wrapper)
+    return wrapper
 
 
 def main() -> None:
@@ -51,7 +52,9 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     ids = torch.tensor([bench_prompt(tokenizer, args.length, 0, model.config.vocab_size)])
     for name in ("update", "compact"):
-        timed(LeanLayer, name)
+        setattr(LeanLayer, name, timed(getattr(LeanLayer, name), name))
+    attention = type(model.get_decoder().layers[0].self_attn)
+    attention.forward = timed(attention.forward, "the attention modules")
     kernel = cpu.DecodeStep.__call__
     variants = {
         "full": ("full", kernel),
@@ -69,13 +72,13 @@ def main() -> None:
             caches[method] = cache, token
         for _ in range(args.repeats):
             for label, (method, step) in variants.items():
-                cpu.DecodeStep.__call__ = step
+                cpu.DecodeStep.__call__ = timed(step, "the decode step call")
                 inside.clear()
                 cache, token = caches[method]
                 times[label].append(_decode(model, cache, token, args.steps) / args.steps * 1e3)
-                if label == args.method:
+                if label in ("full", args.method):
                     for name, seconds in inside.items():
-                        times[f"  inside {name}"].append(seconds / args.steps * 1e3)
+                        times[f"  {label}: inside {name}"].append(seconds / args.steps * 1e3)
         cpu.DecodeStep.__call__ = kernel
     print(
         f"{args.model}, {args.length} tokens, {torch.get_num_threads()} threads, {args.repeats} rounds of "
