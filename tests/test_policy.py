@@ -118,15 +118,13 @@ def test_pooling_runs_over_neighbouring_positions_not_slots():
 @pytest.mark.parametrize("pooling", [3, 7])
 def test_pooling_in_one_cpu_kernel_call_gives_the_torch_paths_scores(pooling, monkeypatch):
     """The CPU kernel (`kernels.pooled`) against the torch code, bit for bit: heads whose slots hold positions in runs
-    (as after compactions), excluded slots (-inf), and padding slots, all at position 0 (ties go in slot order)."""
+    (as after compactions), excluded slots (-inf), and padding slots all at position 0 (ties go in slot order)."""
     generator = torch.Generator().manual_seed(pooling)
     for width in (5, 40, 300):
         scores = torch.rand(2, 3, width, generator=generator)
         scores[torch.rand(2, 3, width, generator=generator) < 0.2] = float("-inf")
-        runs = [
-            torch.randperm(width + 50, generator=generator)[:width].view(4, -1).sort().values.flatten()
-            if width % 4 == 0
-            else torch.randperm(width + 50, generator=generator)[:width]
+        runs = [  # four sorted runs per head
+            torch.cat([run.sort().values for run in torch.randperm(width + 50, generator=generator)[:width].chunk(4)])
             for _ in range(6)
         ]
         positions = torch.stack(runs).view(2, 3, width)

@@ -77,29 +77,34 @@ def fold(scores: torch.Tensor, n: int, held: list[tuple], width: int, reduce: st
     cpu.fold(scores, n, [(segment, store.scores, store.ages) for store, segment in held], reduce)
 
 
+def _on_cpu(t: torch.Tensor) -> bool:
+    """Whether the CPU-only kernels (compaction's) may run on ``t``: it is on CPU and they are `enabled` there."""
+    return t.device.type == "cpu" and enabled(t.device)
+
+
 def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int) -> tuple | None:
     """`compaction.plan`'s fields in one CPU kernel call (`cpu.compaction_plan`), or None where it does not run."""
-    if counts.device.type != "cpu" or not enabled(counts.device):
+    if not _on_cpu(counts):
         return None
     return cpu.compaction_plan(counts, target.to(torch.int8).contiguous(), exiting)
 
 
 def candidate_table(counts: torch.Tensor, scores, positions, recent, recent_valid, exiting: int, start: int):
     """`compaction.candidate_table` in one CPU kernel call (`cpu.candidate_table`), or None where it does not run."""
-    if counts.device.type != "cpu" or not enabled(counts.device):
+    if not _on_cpu(counts):
         return None
     return cpu.candidate_table(counts, scores, positions, recent, recent_valid, exiting, start)
 
 
 def pooled(scores: torch.Tensor, positions: torch.Tensor, pooling: int) -> torch.Tensor | None:
     """`policy.Policy.pooled` in one CPU kernel call (`cpu.pooled`), or None where it does not run."""
-    if scores.device.type != "cpu" or not enabled(scores.device):
+    if not _on_cpu(scores):
         return None
     return cpu.pooled(scores, positions, pooling)
 
 
 def topk_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """`policy.topk_mask` in one CPU kernel call (`cpu.topk_mask`), or None where it does not run."""
-    if scores.device.type != "cpu" or not enabled(scores.device):
+    if not _on_cpu(scores):
         return None
     return cpu.topk_mask(scores, k)
