@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -176,6 +177,11 @@ class DenseStore:
             raise ValueError("a DenseStore holds full-rank tokens; low rank (rank=...) needs a RaggedStore")
         self._segments = None  # `body`'s segments and valid slots, for one shape (not state: never saved)
         self._readers = None  # the kernels' readers of the stored keys and values, while they stay the same
+
+    def __deepcopy__(self, memo: dict) -> DenseStore:
+        """A copy of the stored tokens alone: the kernels' readers view this store's tensors, and copied they would
+        hold the copy's tokens a second time (a fork's own are made at its first step)."""
+        return replace(self, keys=copy.deepcopy(self.keys, memo), values=copy.deepcopy(self.values, memo))
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         ek, ev = self.key.encode(k), self.value.encode(v)
@@ -462,6 +468,11 @@ class PaddedLayout:
         self.segments = list(table)
         # The kernels' readers of the stores in place and their decode step (`view`, `decode_step`), made on first use.
         self._readers = None
+
+    def __deepcopy__(self, memo: dict) -> PaddedLayout:
+        """The layout of copies of the stores, its readers made again at first use: they view the stores' tensors,
+        and copied they would hold a fork's rows a second time and fold its scores where no store reads them."""
+        return PaddedLayout(copy.deepcopy(self.stores, memo))
 
     def slots(self) -> list[torch.Tensor]:
         """Per store, each row's index in the flattened ``[B * H * W]`` body: row i of head s sits at

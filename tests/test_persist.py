@@ -69,6 +69,23 @@ def test_reloaded_and_forked_caches_continue_bit_identically(arch, name, tiny_to
         assert torch.equal(again, sequences) and torch.equal(again_logits, logits)
 
 
+@pytest.mark.parametrize("name", CACHES)
+def test_a_fork_made_after_decoding_continues_like_the_original(name, tiny_tok):
+    """Forked in the middle of decoding (say, to sample several continuations), when the kernels read the stores in
+    place: the fork's next steps are decode steps at once, and it continues as the original does, the attention
+    they fold into scores reaching its own rows. (The kernels' views of the original's tensors are not copied with
+    it: copies would take that attention where no row reads it, and hold the rows twice.)"""
+    model = lively("llama")
+    cache, context = prefilled(model, tiny_tok, CACHES[name])
+    sequences, _ = continued(model, cache, question(tiny_tok, context))
+    fork = copy.deepcopy(cache)
+    (again, logits), (fork_again, fork_logits) = continued(model, cache, sequences), continued(model, fork, sequences)
+    assert torch.equal(fork_again, again) and torch.equal(fork_logits, logits)
+    for layer, twin in zip(cache.layers, fork.layers, strict=True):
+        for store, copied in zip(getattr(layer, "tiers", []), getattr(twin, "tiers", []), strict=True):
+            assert torch.equal(copied.scores, store.scores) and torch.equal(copied.ages, store.ages)
+
+
 def test_forks_answer_different_questions_on_their_own(tiny_tok):
     model = lively("llama")
     build = CACHES["unified two tiers, rank 8"]
