@@ -334,9 +334,10 @@ def _step_kernel(first: tuple, second: tuple, blocks: int):
         ``query[S, G, D]``, ``reduced[S, G, Dk]`` (what scores the stored keys: the query, or its low-rank
         coefficients), ``window_keys``/``window_values`` ``[S, R, D]`` the window as stored (16-bit bits read with
         ``window_mantissa`` bits of mantissa, or float32), its last token read from ``newest_keys``/``newest_values``
-        ``[S, D]`` (float32, exact) instead; ``visible[S, R]`` (shape ``(0, 0)``: all visible). ``stored_*``: a store's key and value codes, scales, zeros and how to read them. ``tasks[T, 4]``:
-        ``(store, segment, first row, rows)``; each segment's window is one more task after them. ``rows_*``: a
-        store's running scores (fp16 bits) and ages, both updated here.
+        ``[S, D]`` (float32, exact) instead; ``visible[S, R]`` (shape ``(0, 0)``: all visible). ``stored_*``: a
+        store's key and value codes, scales, zeros and how to read them. ``tasks[T, 4]``: ``(store, segment, first
+        row, rows)``; each segment's window is one more task after them. ``rows_*``: a store's running scores (fp16
+        bits) and ages, both updated here.
         ``recent``/``recent_ages`` ``[S, R]``: the window's, updated here. ``peak``: scores keep their maximum, else a
         running mean (`store.fold_scores`)."""
         segments, heads, dim = query.shape
@@ -1065,10 +1066,10 @@ class DecodeStep:
         keys (on their low-rank basis, or the query itself), ``keys``/``values`` ``[B, H, R, D]`` the window as the
         layer stores it (16-bit: the kernel reads it in place, no float32 copy), ``newest`` its last token's keys and
         values ``[B, H, 1, D]`` exactly as the model made them, ``visible[B, R]`` its columns the queries see (None:
-        all). ``recent``/``recent_ages`` ``[B, H, R]`` (float32,
-        uint8): the window's running scores, updated in place; the stores' scores and ages are updated too. ``by_max``:
-        a KV head takes the most attention its query heads gave, else their mean; ``peak``: scores keep their maximum,
-        else a running mean. Returns the output ``[B, H, G, D]``."""
+        all). ``recent``/``recent_ages`` ``[B, H, R]`` (float32, uint8): the window's running scores, updated in place;
+        the stores' scores and ages are updated too. ``by_max``: a KV head takes the most attention its query heads
+        gave, else their mean; ``peak``: scores keep their maximum, else a running mean. Returns the output
+        ``[B, H, G, D]``."""
         _use_torch_threads()
         batch, heads, groups, dim = query.shape
         flat = batch * heads
