@@ -2,10 +2,8 @@
 window, and hands the attention each token received back to the layer (queries never reach ``update()``).
 
 transformers calls it with the tensors ``update()`` returned; a leankv layer tags its key tensor with itself
-(``key.leankv_layer``) and, for a decode step the kernels take in one call, with that step (``key.leankv_step``: the
-window then comes as stored, this step's exact token beside it); a quantized cache's layer tags a decode step's keys
-with itself as ``key.leankv_stored`` (its store read in place, nothing scored). Untagged calls (sliding layers, other
-caches) go straight to sdpa.
+(``key.leankv_layer``), and a quantized cache's layer tags a decode step's keys with itself as ``key.leankv_stored``
+(its store read in place, nothing scored). Untagged calls (sliding layers, other caches) go straight to sdpa.
 """
 
 from __future__ import annotations
@@ -133,21 +131,18 @@ def leankv_attention(
     plain_step = attention_mask is None and q_len == window == 1 and layer.prefilled
     recent_mask = None if plain_step else _recent_mask(attention_mask, batch, q_len, key.shape[2], query.device)
 
-    # One kernel call where it runs (`LeanLayer.update` found it): the output, and the scores every stored row and
-    # window token received.
-    fused_step = getattr(key, "leankv_step", None)
+    # One kernel call where it runs: the output, and the scores every stored row and window token received.
+    fused_step = layer.decode_step(query.dtype) if q_len == window == 1 else None
     # Else a transient body, this layer only. Decode reads it through its products alone: in place where it can.
     body = None if fused_step is not None else layer.body_view(query.dtype, query, fused=window == q_len)
     packed_q = _gqa_pack(query, groups)
     valid = None if body is None else body.valid
     if fused_step is not None:
-        step, basis, newest = fused_step
+        step, basis = fused_step
         reduced = packed_q if basis is None else packed_q @ basis
         visible = None if recent_mask is None else recent_mask[:, 0, 0]
         by_max, peak = layer.gqa == "max", layer.settings.scorer.reduce == "max"
-        out = step(
-            packed_q, reduced, key, value, newest, visible, scale, by_max, peak, layer.recent_scores, layer.recent_ages
-        )
+        out = step(packed_q, reduced, key, value, visible, scale, by_max, peak, layer.recent_scores, layer.recent_ages)
         probs = None  # folded already
     elif window == q_len:  # every query reports its scores (decode): one explicit softmax gives output and scores
         visible = None if recent_mask is None else _visible(recent_mask, None, slice(None), heads, groups)

@@ -466,10 +466,8 @@ class PaddedLayout:
         table = torch.stack([counts.cumsum(1) - counts, counts, counts.cumsum(0) - counts], 1)
         self.starts, self.offsets = table[:, 0], table[:, 2]
         self.segments = list(table)
-        # The kernels' readers of the stores in place and their decode step (`view`, `decode_step`), made on first use;
-        # the step with the basis per dtype, asked for in every layer at every decode step.
+        # The kernels' readers of the stores in place and their decode step (`view`, `decode_step`), made on first use.
         self._readers = None
-        self._steps = {}
 
     def __deepcopy__(self, memo: dict) -> PaddedLayout:
         """The layout of copies of the stores, its readers made again at first use: they view the stores' tensors,
@@ -513,10 +511,8 @@ class PaddedLayout:
         """A decode step over the stores in one call (`kernels.decode_step`: the stores read in place), with
         the low-rank keys' basis in ``dtype`` (or None); None where no kernel does it. A decode step needs nothing
         else of the body: no view, no mask of the valid slots."""
-        if dtype not in self._steps:
-            step = self._in_place()[2] if self.width else None
-            self._steps[dtype] = None if step is None else (step, self._basis(dtype))
-        return self._steps[dtype]
+        step = self._in_place()[2] if self.width else None
+        return None if step is None else (step, self._basis(dtype))
 
     def _in_place(self) -> tuple:
         """The kernels' readers of the stores' keys and values (each None where no kernel reads them), and their

@@ -58,7 +58,6 @@ STEP_MIXES = {  # one store, two stores with two groups per row, a 16-bit store 
     "two groups per row": MIXES["two groups per row"],
     "16-bit, k4v2": [(Precision(16), Precision(16)), (Precision(4, DIM), Precision(2, DIM))],
 }
-WINDOW_DTYPES = dict(zip(STEP_MIXES, (torch.float32, torch.float16, torch.bfloat16), strict=True))  # as stored
 
 
 @pytest.mark.parametrize("mix", STEP_MIXES)
@@ -69,8 +68,7 @@ def test_a_decode_step_in_one_call_matches_the_products_it_replaces(mix, padded,
     """`DecodeStep`: one query per query head over the stores and an exact window gives the output, and folds the
     scores every row and window token received, as the readers' products, a softmax and the folds do (`fold`,
     `fold_scores`), up to float summation order; also where a head's rows are split across tasks, each with its own
-    maximum (flash-decoding). The window comes as stored (float32, or 16-bit read from its bits) and its last token
-    from the exact one beside it: the reference reads that token at float32 (its 16-bit rounding is off by 1e-3)."""
+    maximum (flash-decoding)."""
     monkeypatch.setattr(kernels.cpu, "CHUNK", chunk)
     stores, reference = (ragged_stores(STEP_MIXES[mix], seed=2, dtype=torch.float16) for _ in range(2))
     for store, twin in zip(stores, reference, strict=True):
@@ -80,14 +78,12 @@ def test_a_decode_step_in_one_call_matches_the_products_it_replaces(mix, padded,
     step, _ = layout.decode_step(torch.float32)
     batch, heads, width = *layout.shape, layout.width
     groups, window, scale = 3, 5, DIM**-0.5
-    query, exact = torch.randn(batch, heads, groups, DIM), torch.randn(2, batch, heads, window, DIM)
-    stored = exact.to(WINDOW_DTYPES[mix])
-    keys, values = torch.cat([stored[..., :-1, :].float(), exact[..., -1:, :]], -2)  # what the step should read
+    query, keys, values = torch.randn(batch, heads, groups, DIM), *torch.randn(2, batch, heads, window, DIM)
     visible = torch.tensor([[True] * window, [False, False, True, True, True]]) if padded else None
     recent, ages = torch.rand(batch, heads, window), torch.randint(0, 256, (batch, heads, window), dtype=torch.uint8)
     expected_recent, expected_ages = recent.clone(), ages.clone()
 
-    out = step(query, query, *stored, tuple(exact[..., -1:, :]), visible, scale, by_max, peak, recent, ages)
+    out = step(query, query, keys, values, visible, scale, by_max, peak, recent, ages)
 
     columns = None if visible is None else visible[:, None, None].expand(-1, heads, groups, -1)
     probs, expected = _explicit_attention(
@@ -118,7 +114,7 @@ def test_a_decode_step_folds_into_the_scores_each_store_holds_now():
     query, window = args[:2]
 
     def step() -> None:
-        decode_step(query, query, *window, tuple(window[:, :, :, -1:]), None, 0.125, True, False, *args[2:])
+        decode_step(query, query, *window, None, 0.125, True, False, *args[2:])
 
     step()
     old = stores[0].ages
@@ -170,8 +166,7 @@ def test_the_kernels_use_torchs_threads_and_give_the_same_products_on_one(monkey
             torch.set_num_threads(threads)
             recent = torch.zeros(batch, heads, 5)
             step, _ = layouts[threads].decode_step(torch.float32)
-            newest = tuple(window[:, :, :, -1:])
-            out = step(query, query, *window, newest, None, 0.125, True, False, recent, torch.zeros_like(recent).byte())
+            out = step(query, query, *window, None, 0.125, True, False, recent, torch.zeros_like(recent).byte())
             assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
             scores = [store.scores for store in layouts[threads].stores]
             products[threads] = body.logits(query), body.values.weigh(probs), out, recent, *scores

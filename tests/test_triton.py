@@ -238,8 +238,7 @@ def step_case(
     batch, heads = layout.shape
     query = torch.randn(batch, heads, groups, dim, device=DEVICE)
     reduced = query if basis is None else query @ basis.view(batch, heads, *basis.shape[1:])
-    exact = torch.randn(2, batch, heads, span, dim, device=DEVICE)
-    window, newest = exact.half(), tuple(exact[..., -1:, :])  # as a float32 model's layer stores it, its token exact
+    window = torch.randn(2, batch, heads, span, dim, device=DEVICE)
     seen = torch.rand(batch, span, device=DEVICE) > 0.3 if visible else None
     if seen is not None:
         seen[:, -1] = True  # the query's own token
@@ -253,7 +252,7 @@ def step_case(
         readers = [backend.CodedRows([getattr(s, side) for s in held], segments, shape) for side in ("keys", "values")]
         step = backend.DecodeStep(*readers, held)
         state = recent.clone(), ages.clone()
-        out = step(query, reduced, *window, newest, seen, dim**-0.5, by_max, peak, *state)
+        out = step(query, reduced, *window, seen, dim**-0.5, by_max, peak, *state)
         results.append((out, [(s.scores, s.ages) for s in held], state))
     return results
 

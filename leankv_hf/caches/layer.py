@@ -142,13 +142,7 @@ class LeanLayer(CompressedLayer):
         self.recent_ages = F.pad(self.recent_ages, (0, new))
         self.recent_valid = F.pad(self.recent_valid, (0, new), value=True)
         self.seen += new
-        step = self.decode_step(key_states.dtype) if new == self.score_window(new) == 1 else None
-        if step is None:
-            return self._tagged_window(key_states, value_states, "leankv_layer")
-        # A decode step in one call reads the window as stored (no copy in the model's dtype), this token exact.
-        keys = self.keys.view_as(self.keys)  # tagged on a view, as `_tagged_window` explains
-        keys.leankv_layer, keys.leankv_step = self, (*step, (key_states, value_states))
-        return keys, self.values
+        return self._tagged_window(key_states, value_states, "leankv_layer")
 
     def get_seq_length(self) -> int:
         return self.seen

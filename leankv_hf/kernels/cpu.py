@@ -35,7 +35,6 @@ from ..quant import QuantizedTensor
 try:
     import numba
     import numpy as np
-    from numba.extending import overload
 
     # A kernel call is a parallel region: OpenMP starts one in microseconds, the workqueue layer in ~100 us (as much
     # as a decode step's kernel work). Where OpenMP is missing, numba takes the next layer that loads.
@@ -102,7 +101,7 @@ def _powers(dtype: torch.dtype):
 
 def _bits(t: torch.Tensor):
     """A 16-bit float tensor's bit patterns as a uint16 array (no copy)."""
-    return (t.numpy() if t.dtype == torch.float16 else t.view(torch.int16).numpy()).view(np.uint16)
+    return t.view(torch.int16).numpy().view(np.uint16)
 
 
 def _named(dispatchers: tuple, family: str) -> tuple:
@@ -325,19 +324,16 @@ def _step_kernel(first: tuple, second: tuple, blocks: int):
         boundscheck=False,
         parallel=_prange_only(),
     )
-    def step(query, reduced, window_keys, window_values, newest_keys, newest_values, window_mantissa, visible, scale,
-             stored_a, stored_b, tasks, rows_a, rows_b, half, peak, by_max, recent, recent_ages,
-             out):  # fmt: skip  # pragma: no cover (jit)
+    def step(query, reduced, window_keys, window_values, visible, scale, stored_a, stored_b, tasks, rows_a, rows_b,
+             half, peak, by_max, recent, recent_ages, out):  # fmt: skip  # pragma: no cover (jit)
         """One query per (segment, query head) attends the stores' rows and the exact window; the attention each row
         and window token receives (max or mean over a segment's query heads: ``by_max``) folds into its score.
 
         ``query[S, G, D]``, ``reduced[S, G, Dk]`` (what scores the stored keys: the query, or its low-rank
-        coefficients), ``window_keys``/``window_values`` ``[S, R, D]`` the window as stored (16-bit bits read with
-        ``window_mantissa`` bits of mantissa, or float32), its last token read from ``newest_keys``/``newest_values``
-        ``[S, D]`` (float32, exact) instead; ``visible[S, R]`` (shape ``(0, 0)``: all visible). ``stored_*``: a
-        store's key and value codes, scales, zeros and how to read them. ``tasks[T, 4]``: ``(store, segment, first
-        row, rows)``; each segment's window is one more task after them. ``rows_*``: a store's running scores (fp16
-        bits) and ages, both updated here.
+        coefficients), ``window_keys``/``window_values`` ``[S, R, D]`` float32, ``visible[S, R]`` (shape ``(0, 0)``: all
+        visible). ``stored_*``: a store's key and value codes, scales, zeros and how to read them. ``tasks[T, 4]``:
+        ``(store, segment, first row, rows)``; each segment's window is one more task after them. ``rows_*``: a
+        store's running scores (fp16 bits) and ages, both updated here.
         ``recent``/``recent_ages`` ``[S, R]``: the window's, updated here. ``peak``: scores keep their maximum, else a
         running mean (`store.fold_scores`)."""
         segments, heads, dim = query.shape
@@ -365,7 +361,6 @@ def _step_kernel(first: tuple, second: tuple, blocks: int):
         zeros_a = np.zeros((stored, heads, groups_va), np.float32)
         acc_b = np.zeros((stored, heads, per_vb, dim // per_vb), np.float32)
         zeros_b = np.zeros((stored, heads, groups_vb), np.float32)
-        window_rows, wide = np.empty((segments, dim), np.float32), np.empty((segments, dim), np.uint32)
         for t in numba.prange(n_tasks):
             store, s, first_row, count = _task(tasks, t, span)
             if store == 0:
@@ -373,13 +368,11 @@ def _step_kernel(first: tuple, second: tuple, blocks: int):
             elif store == 1:
                 score_b(qb[s], sums_b[s], heads, *stored_b[:5], first_row, count, probs[t], 0)
             else:
-                row = window_rows[s]
-                for r in range(span):
-                    _window_row(window_keys, newest_keys, s, r, window_mantissa, wide[s], row)
-                    for h in range(heads):
+                for h in range(heads):
+                    for r in range(span):
                         x = np.float32(0)
                         for d in range(dim):
-                            x += query[s, h, d] * row[d]
+                            x += query[s, h, d] * window_keys[s, r, d]
                         probs[t, h, r] = x if visible.shape[0] == 0 or visible[s, r] else np.float32(-np.inf)
             for h in range(heads):
                 row = probs[t, h, :count]
@@ -399,13 +392,11 @@ def _step_kernel(first: tuple, second: tuple, blocks: int):
                 weigh_b(probs[t], heads, *stored_b[5:], first_row, count, 0, acc_b[t], zeros_b[t])
                 unplane_b(acc_b[t], zeros_b[t], partial[t])
             else:
-                row = window_rows[s]
-                for r in range(span):
-                    _window_row(window_values, newest_values, s, r, window_mantissa, wide[s], row)
-                    for h in range(heads):
+                for h in range(heads):
+                    for r in range(span):
                         w = probs[t, h, r]
                         for d in range(dim):
-                            partial[t, h, d] += w * row[d]
+                            partial[t, h, d] += w * window_values[s, r, d]
         # Each head's maximum over its tasks and its softmax's denominator; then each task's share, in task order.
         most = np.full((segments, heads), np.float32(-np.inf))
         for t in range(n_tasks):
@@ -472,32 +463,6 @@ if numba is not None:
             small = np.float32(magnitude) * np.float32(2.0**-24)
             small = -small if row[d] & 0x8000 else small
             out[d] = small if magnitude < 0x400 else normal[d]
-
-    def _widened(row, mantissa, wide, out):  # pragma: no cover (jit: `_widened_as`)
-        """``out[:] =`` a stored row as float32: 16-bit bits (`_row16`), or float32 already."""
-
-    @overload(_widened)
-    def _widened_as(row, mantissa, wide, out):
-        if row.dtype == numba.types.float32:
-
-            def copied(row, mantissa, wide, out):  # pragma: no cover (jit)
-                out[:] = row
-
-            return copied
-
-        def converted(row, mantissa, wide, out):  # pragma: no cover (jit)
-            _row16(row, mantissa, wide, out)
-
-        return converted
-
-    @numba.njit(inline="always")
-    def _window_row(window, newest, s, r, mantissa, wide, out):  # pragma: no cover (jit)
-        """``out[:] =`` token ``r`` of segment ``s``'s window ``[S, R, D]`` as float32: the last one exact from
-        ``newest[S, D]``, the others as stored (`_widened`)."""
-        if r == window.shape[1] - 1:
-            out[:] = newest[s]
-        else:
-            _widened(window[s, r], mantissa, wide, out)
 
     @numba.njit(inline="always", fastmath=True)
     def _exp_less(row, most, powers):  # pragma: no cover (jit)
@@ -586,7 +551,7 @@ if numba is not None:
             rows[0][i] = _half_bits(_running(old, seen[j], weight, np.float32(n), peak))
             rows[1][i] = min(weight + np.float32(n), 255.0)
 
-    _named((_float16, _row16, _window_row, _exp_less, _task, _received, _running, _half_bits, _fold_rows), "helpers")
+    _named((_float16, _row16, _exp_less, _task, _received, _running, _half_bits, _fold_rows), "helpers")
 
     @numba.njit(cache=True, boundscheck=False)
     def _chunked(starts, counts, offsets):  # pragma: no cover (jit)
@@ -1054,7 +1019,6 @@ class DecodeStep:
         reduced: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        newest: tuple[torch.Tensor, torch.Tensor],
         visible: torch.Tensor | None,
         scale: float,
         by_max: bool,
@@ -1063,13 +1027,11 @@ class DecodeStep:
         recent_ages: torch.Tensor,
     ) -> torch.Tensor:
         """``query[B, H, G, D]`` (one query per query head of each KV head), ``reduced`` the same scoring the stored
-        keys (on their low-rank basis, or the query itself), ``keys``/``values`` ``[B, H, R, D]`` the window as the
-        layer stores it (16-bit: the kernel reads it in place, no float32 copy), ``newest`` its last token's keys and
-        values ``[B, H, 1, D]`` exactly as the model made them, ``visible[B, R]`` its columns the queries see (None:
-        all). ``recent``/``recent_ages`` ``[B, H, R]`` (float32, uint8): the window's running scores, updated in place;
-        the stores' scores and ages are updated too. ``by_max``: a KV head takes the most attention its query heads
-        gave, else their mean; ``peak``: scores keep their maximum, else a running mean. Returns the output
-        ``[B, H, G, D]``."""
+        keys (on their low-rank basis, or the query itself), ``keys``/``values`` ``[B, H, R, D]`` the window,
+        ``visible[B, R]`` its columns the queries see (None: all). ``recent``/``recent_ages`` ``[B, H, R]`` (float32,
+        uint8): the window's running scores, updated in place; the stores' scores and ages are updated too. ``by_max``:
+        a KV head takes the most attention its query heads gave, else their mean; ``peak``: scores keep their maximum,
+        else a running mean. Returns the output ``[B, H, G, D]``."""
         _use_torch_threads()
         batch, heads, groups, dim = query.shape
         flat = batch * heads
@@ -1085,24 +1047,14 @@ class DecodeStep:
         scores = self._scores[1]  # both updated in place
         out = np.empty((flat, groups, dim), np.float32)
         kernel = _step_kernel(*self.mix, -(-groups // QUERY_BLOCK))
-        exact = [_segment_rows(t, flat)[:, 0] for t in newest]
-        mantissa = _powers(keys.dtype)[1] if keys.dtype in _SIXTEEN_BIT else 0
         _run(
-            kernel, queries, queries if reduced is query else _segment_rows(reduced, flat), _window(keys, flat),
-            _window(values, flat), *exact, mantissa, seen, np.float32(scale), self.stored[0], self.stored[-1],
-            self.tasks, scores[0], scores[-1], _HALF, peak, by_max, recent.view(flat, -1).numpy(),
+            kernel, queries, queries if reduced is query else _segment_rows(reduced, flat), _segment_rows(keys, flat),
+            _segment_rows(values, flat), seen, np.float32(scale), self.stored[0], self.stored[-1], self.tasks,
+            scores[0], scores[-1], _HALF, peak, by_max, recent.view(flat, -1).numpy(),
             recent_ages.view(flat, -1).numpy(), out,
         )  # fmt: skip
         out = torch.from_numpy(out.reshape(batch, heads, groups, dim))
         return out if query.dtype == torch.float32 else out.to(query.dtype)
-
-
-def _window(t: torch.Tensor, flat: int) -> np.ndarray:
-    """Window tokens ``t[B, H, R, D]`` as the step kernel reads them, ``[B * H, R, D]``: 16-bit floats as their bits
-    (no copy where contiguous), anything else as float32 (`_segment_rows`)."""
-    if t.dtype in _SIXTEEN_BIT:
-        return np.ascontiguousarray(_bits(t)).reshape(flat, *t.shape[2:])
-    return _segment_rows(t, flat)
 
 
 def _segment_rows(t: torch.Tensor, flat: int) -> np.ndarray:

@@ -452,7 +452,6 @@ class DecodeStep:
         reduced: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        newest: tuple[torch.Tensor, torch.Tensor],
         visible: torch.Tensor | None,
         scale: float,
         by_max: bool,
@@ -461,13 +460,8 @@ class DecodeStep:
         recent_ages: torch.Tensor,
     ) -> torch.Tensor:
         """As `cpu.DecodeStep.__call__`: ``query[B, H, G, D]``, ``reduced`` what scores the stored keys, the window
-        ``keys``/``values`` ``[B, H, R, D]`` as stored, ``newest`` its last token exact, ``visible[B, R]`` (None: all);
-        ``recent``/``recent_ages`` ``[B, H, R]`` and the stores' scores and ages are updated in place. Returns the
-        output ``[B, H, G, D]``."""
-        if keys.dtype != query.dtype:  # a 16-bit window of a float32 model: converted, its last token exact
-            keys, values = (
-                torch.cat([w[:, :, :-1].to(query.dtype), n], 2) for w, n in zip((keys, values), newest, strict=True)
-            )
+        ``keys``/``values`` ``[B, H, R, D]``, ``visible[B, R]`` (None: all); ``recent``/``recent_ages`` ``[B, H, R]``
+        and the stores' scores and ages are updated in place. Returns the output ``[B, H, G, D]``."""
         batch, heads, groups, dim = query.shape
         segments, span, width = batch * heads, keys.shape[2], self.keys.shape[2]
         k, v = self.keys, self.values
