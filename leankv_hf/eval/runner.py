@@ -207,7 +207,7 @@ def run_eval(
     """Evaluate every method on the task's first ``limit`` examples, resuming from the rows already in
     ``out_dir``; writes ``rows.jsonl``, ``summary.json``, ``summary.md`` and plots, and returns the summary. Each
     method's first example runs once more before it counts, untimed, so the times are a warm process's: a kernel's
-    first call compiles it or loads it from numba's cache, which added up to 21 s to a first 2K PassKey prompt.
+    first call compiles it or loads it from numba's cache, which added 4-27 s to a first 2K PassKey prompt.
 
     ``state`` is an ``accelerate.PartialState`` (default: the current one): process K of N runs examples
     K, K+N, ... and the main process merges and reports once all are done.
@@ -237,10 +237,10 @@ def run_eval(
     todo = [(e, s) for e in examples for s in methods if not finished(e, s)]
     warm = set()  # methods that ran once: one-time costs (compiling or loading kernels, a peer's first call) are paid
     for example, spec in tqdm(todo, desc=f"{task.name} ({setting})", disable=not state.is_local_main_process):
-        run = (model, tokenizer, task, example, spec, setting, max_new_tokens, prefill_chunk)
-        if method_label(spec) not in warm:  # a method's first example runs once untimed, so they stay out of its times
+        run, label = (model, tokenizer, task, example, spec, setting, max_new_tokens, prefill_chunk), method_label(spec)
+        if label not in warm:  # a method's first example runs once untimed, so they stay out of its times
             evaluate_example(*run)
-            warm.add(method_label(spec))
+            warm.add(label)
         torch.manual_seed(seed)
         results.append_rows(path, evaluate_example(*run))
     state.wait_for_everyone()
