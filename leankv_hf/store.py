@@ -360,8 +360,11 @@ class RaggedStore:
                 incoming["ages"].to(torch.uint8),
             )
             parts = [cat([getattr(self, name), x], 0) if self.rows else x for name, x in zip(fields, new, strict=True)]
-        for name, x in zip(fields, parts, strict=True):
-            setattr(self, name, select(x, 0, order))
+        self.hold(counts, *(select(x, 0, order) for x in parts))
+
+    def hold(self, counts: torch.Tensor, keys: Encoded, values: Encoded, positions, scores, ages) -> None:
+        """Hold these rows, ``counts[B * H]`` per head, as they are (`rebuild`'s, or `kernels.compaction_moves`')."""
+        self.keys, self.values, self.positions, self.scores, self.ages = keys, values, positions, scores, ages
         self.counts = counts.view_as(self.counts)
 
     def select_batch(self, index: torch.Tensor) -> None:

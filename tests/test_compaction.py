@@ -1,10 +1,15 @@
 """Where every row goes at a compaction (`compaction.plan`), and what it ranks (`compaction.candidate_table`): the
 CPU kernel and the torch code against a plain reference, on random stores."""
 
+import copy
+
 import pytest
 import torch
 
 from leankv_hf import compaction, kernels
+from leankv_hf.caches.layer import LayerSettings, LeanLayer
+from leankv_hf.caches.unified import LowRankLayer
+from leankv_hf.policy import Policy
 from leankv_hf.store import Precision, RaggedStore
 
 
@@ -134,3 +139,92 @@ def test_the_candidate_table_holds_each_heads_rows_tier_by_tier_then_the_leaving
                     a.nan_to_num(-1.0) if a.is_floating_point() else a,
                     b.nan_to_num(-1.0) if b.is_floating_point() else b,
                 )
+
+
+class RandomTiers(Policy):
+    """Each candidate to a tier or pruned at random (the same draw for the same candidates): every kind of move at
+    once."""
+
+    def __init__(self, tiers: int):
+        self.tiers = tiers
+
+    def tier_of(self, c):
+        gen = torch.Generator().manual_seed(int(c.positions.sum()))
+        return torch.randint(-1, self.tiers, c.scores.shape, generator=gen).to(torch.int8)
+
+
+def layer_with_rows(tiers, dtype: torch.dtype, seed: int) -> LeanLayer:
+    """A layer mid-decoding: random rows in every tier (some empty), a window of 12 tokens of which 8 leave, padding
+    in one batch row, NaN in a score and in a value group, rows from tiny to huge; low-rank keys on a random basis."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, dim, window = 2, 3, 32, 12
+    settings = LayerSettings(tiers=tiers, policy=RandomTiers(len(tiers)), recent=4, sink=2, storage_dtype=dtype)
+    rank = tiers[0][0].rank
+    layer = (LowRankLayer if rank else LeanLayer)(0, 1, settings)
+
+    def rows(*shape):
+        return torch.randn(*shape, dim, generator=gen) * torch.exp2(torch.randint(-12, 8, (*shape, 1), generator=gen))
+
+    layer.lazy_initialization(rows(batch, heads, 1), rows(batch, heads, 1))
+    basis = torch.linalg.qr(torch.randn(batch * heads, dim, rank or 1, generator=gen)).Q.to(dtype)
+    for tier in layer.tiers:
+        tier.basis = basis if rank else None
+        n = int(torch.randint(0, 40, (1,), generator=gen)) * (seed % 3 != 0 or tier is layer.tiers[0])
+        values = rows(n)
+        values[: n // 8, :4] = float("nan")
+        segments = torch.randint(0, batch * heads, (n,), generator=gen)
+        scores, ages = torch.rand(n, generator=gen), torch.randint(0, 256, (n,), generator=gen)
+        tier.add(rows(n).to(dtype), values.to(dtype), segments, torch.randperm(90, generator=gen)[:n], scores, ages)
+    layer.keys, layer.values = rows(batch, heads, window).to(dtype), rows(batch, heads, window).to(dtype)
+    layer.recent_scores = torch.rand(batch, heads, window, generator=gen)
+    layer.recent_scores[0, 1, 2] = float("nan")
+    layer.recent_ages = torch.randint(0, 256, (batch, heads, window), generator=gen, dtype=torch.uint8)
+    layer.recent_valid = torch.ones(batch, window, dtype=torch.bool)
+    layer.recent_valid[1, :3] = False
+    layer.padding[1] = 3
+    layer.seen = 100
+    return layer
+
+
+def bits(x) -> list[torch.Tensor]:
+    fields = [x] if isinstance(x, torch.Tensor) else [x.payload, x.scale, x.zero]
+    return [f.view(torch.int16) if f.dtype in (torch.float16, torch.bfloat16) else f for f in fields]
+
+
+TIER_MIXES = {
+    "leankv": ((8, 4), (4, 2)),
+    "one 16-bit tier": ((16, 16),),
+    "16-bit above codes": ((16, 16), (2, 2)),
+    "codes above 16-bit": ((8, 8), (16, 16)),
+    "three tiers": ((8, 8), (4, 4), (2, 2)),
+    "low-rank keys": ((8, 4), (4, 2)),
+}
+
+
+@pytest.mark.skipif(not kernels.enabled("cpu"), reason="the CPU kernels need numba")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mix", TIER_MIXES, ids=list(TIER_MIXES))
+def test_a_compaction_in_kernel_calls_leaves_every_tier_as_the_torch_code_does(monkeypatch, mix, dtype):
+    """`kernels.compaction_moves` (the plan and every tier's new rows in one call per tier) against `compaction.plan`,
+    `LeanLayer._incoming` and `RaggedStore.rebuild`: the same rows, bit for bit, after rows stayed, moved down a tier
+    (decoded and encoded again), entered from the window (projected on the basis where keys are low rank) or were
+    pruned. Groups of 16 channels: two per row."""
+    rank = 16 if mix == "low-rank keys" else None
+    tiers = tuple((Precision(k, 16, rank=rank), Precision(v, 16)) for k, v in TIER_MIXES[mix])
+    calls = []
+    moves = kernels.compaction_moves
+    monkeypatch.setattr(kernels, "compaction_moves", lambda *args: calls.append(moves(*args)) or calls[-1])
+    for seed in range(6):
+        layer = layer_with_rows(tiers, dtype, seed)
+        fused, reference = copy.deepcopy(layer), copy.deepcopy(layer)
+        fused.compact()
+        assert calls[-1] is not None and any(moved is not None for moved in calls[-1])
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "compaction_moves", lambda *args: None)
+            reference.compact()
+        for a, b in zip(fused.tiers, reference.tiers, strict=True):
+            assert torch.equal(a.counts, b.counts)
+            for name in ("keys", "values", "positions", "scores", "ages"):
+                for x, y in zip(bits(getattr(a, name)), bits(getattr(b, name)), strict=True):
+                    assert x.dtype == y.dtype and torch.equal(x, y), (seed, name)
+        assert torch.equal(fused.keys.view(torch.int16), reference.keys.view(torch.int16))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import compaction
+from .. import compaction, kernels
 from ..budget import BudgetReport, fit_to_budget, row_nbytes
 from ..policy import Candidates, Policy
 from ..scoring import ObservationWindow, Scorer
@@ -316,11 +316,23 @@ class LeanLayer(CompressedLayer):
         target = s.policy.assign(candidates)
         if s.budget_bytes is not None:
             target = self._fit_budget(target, candidates)
-        counts = torch.stack([tier.counts.flatten() for tier in self.tiers])
-        plan = compaction.plan(counts, target.view(batch * heads, -1), n_exit)
-        incoming = [self._incoming(rows, n_exit, tier) for rows, tier in zip(plan.incoming, self.tiers, strict=True)]
-        for tier, count, order, rows in zip(self.tiers, plan.counts, plan.orders, incoming, strict=True):
-            tier.rebuild(count, order, rows)  # after every tier's incoming rows were read
+        counts, target = torch.stack([tier.counts.flatten() for tier in self.tiers]), target.view(batch * heads, -1)
+        leaving = self._leaving_keys(n_exit)
+        moved = None
+        if not s.policy.page_size:  # pages take their keys' bounds from the rows entering (`_incoming`)
+            window = leaving, self.values, self.recent_scores, self.recent_ages
+            moved = kernels.compaction_moves(
+                self.tiers, counts, target, n_exit, window, self.seen - self.keys.shape[-2]
+            )
+        if moved is None:
+            plan = compaction.plan(counts, target, n_exit)
+            incoming = [self._incoming(rows, n_exit, leaving) for rows in plan.incoming]
+            for tier, count, order, rows in zip(self.tiers, plan.counts, plan.orders, incoming, strict=True):
+                tier.rebuild(count, order, rows)  # after every tier's incoming rows were read
+        else:
+            for tier, rows in zip(self.tiers, moved, strict=True):
+                if rows is not None:
+                    tier.hold(*rows)
         self._layout = PaddedLayout(self.tiers)  # made once per compaction, used by every step until the next
         # Copies, not views: a view would pin the evicted tokens' storage until the next step.
         self.keys, self.values = self.keys[:, :, n_exit:].clone(), self.values[:, :, n_exit:].clone()
@@ -328,21 +340,22 @@ class LeanLayer(CompressedLayer):
         self.recent_ages = self.recent_ages[..., n_exit:].clone()
         self.recent_valid = self.recent_valid[:, n_exit:].clone()
 
-    def _incoming(self, rows: list[torch.Tensor], n_exit: int, tier: RaggedStore) -> dict | None:
-        """The rows entering ``tier`` (`compaction.Plan`'s ``incoming``): rows moving down from a higher tier (decoded;
-        low-rank keys stay coefficients on the basis the tiers share), then tokens leaving the window (projected)."""
-        *moved, leaving = rows
+    def _incoming(self, rows: list[torch.Tensor], n_exit: int, leaving: torch.Tensor) -> dict | None:
+        """The rows entering a tier (`compaction.Plan`'s ``incoming``): rows moving down from a higher tier (decoded;
+        low-rank keys stay coefficients on the basis the tiers share), then tokens leaving the window (their keys
+        ``leaving`` as the tiers hold them, `_leaving_keys`)."""
+        *moved, window = rows
         parts = [
             source.rows_at(index, self.storage_dtype)
             for source, index in zip(self.tiers, moved, strict=True)
             if index.numel()
         ]
-        if leaving.numel():
-            segments, i = leaving // n_exit, leaving % n_exit
-            keys, positions = self.keys.flatten(0, 1)[segments, i], self.seen - self.keys.shape[-2] + i
+        if window.numel():
+            segments, i = window // n_exit, window % n_exit
+            positions = self.seen - self.keys.shape[-2] + i
             parts.append(
                 {
-                    "k": tier.project(keys, segments),
+                    "k": leaving.flatten(0, 1)[segments, i],
                     "v": self.values.flatten(0, 1)[segments, i],
                     "positions": positions,
                     "scores": self.recent_scores.flatten(0, 1)[segments, i],
@@ -350,8 +363,13 @@ class LeanLayer(CompressedLayer):
                 }
             )
             if self.settings.policy.page_size:
+                keys = self.keys.flatten(0, 1)[segments, i]
                 self._add_to_pages(keys, segments, positions - self.padding[segments // self.keys.shape[1]])
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]} if parts else None
+
+    def _leaving_keys(self, n_exit: int) -> torch.Tensor:
+        """The keys of the ``n_exit`` tokens leaving the window, ``[B, H, n_exit, D]``, as the tiers hold them."""
+        return self.keys[:, :, :n_exit]
 
     def _candidates(self) -> Candidates:
         """What the next compaction ranks, per (batch, head): the stored rows of every tier in turn, then the tokens

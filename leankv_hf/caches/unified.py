@@ -305,6 +305,12 @@ class LowRankLayer(LeanLayer):
                 tier.basis = basis
         super().compact()
 
+    def _leaving_keys(self, n_exit: int) -> torch.Tensor:
+        """Coefficients on each head's basis: one batched product over every head's leaving tokens."""
+        keys = self.keys[:, :, :n_exit]
+        basis = self.tiers[0].basis.to(keys.dtype)
+        return torch.bmm(keys.flatten(0, 1), basis).view(*keys.shape[:3], basis.shape[-1])
+
     def _select_batch(self, index: torch.Tensor) -> None:
         super()._select_batch(index)
         self._share_basis()

@@ -89,6 +89,16 @@ def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int) ->
     return cpu.compaction_plan(counts, target.to(torch.int8).contiguous(), exiting)
 
 
+def compaction_moves(
+    stores: list, counts: torch.Tensor, target: torch.Tensor, exiting: int, window: tuple, start: int
+) -> list[tuple | None] | None:
+    """A compaction's plan and every store's new rows in one CPU kernel call per store (`cpu.compaction_moves`), or
+    None where it does not run."""
+    if not _on_cpu(counts) or not cpu.movable(stores, window[0]):
+        return None
+    return cpu.compaction_moves(stores, counts, target.to(torch.int8).contiguous(), exiting, window, start)
+
+
 def candidate_table(counts: torch.Tensor, scores, positions, recent, recent_valid, exiting: int, start: int):
     """`compaction.candidate_table` in one CPU kernel call (`cpu.candidate_table`), or None where it does not run."""
     if not _on_cpu(counts):

@@ -60,6 +60,7 @@ def _prange_only() -> dict:
 QUERY_BLOCK = 4  # query rows a kernel scores together (one code read feeds four accumulators)
 CHUNK = 256  # stored rows one parallel task reads: a long head is split, so a few heads still fill every thread
 QUANTIZE_CHUNK = 64  # rows one task quantizes: a compaction's few hundred still split evenly over the threads
+MOVE_CHUNK = 1024  # rows one task of a compaction's move writes (most are copied, in blocks)
 
 
 def fusable(parts: list) -> bool:
@@ -623,18 +624,17 @@ if numba is not None:
         return bad == 0
 
     @numba.njit(inline="always")
-    def _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes):  # pragma: no cover (jit)
-        """`quant.quantize` of row ``i`` of ``x[N, D]`` (float32) for per-token groups of ``group`` channels, int codes
-        and float16 scale/zero: the same arithmetic in the same order (no fastmath but for `_fast_extremes`), so the
-        same bits. Row ``i`` of ``payload[N, D * bits / 8]`` (packed as `quant.packing` packs), ``scale``/``zero`` ``[N,
-        D / group]`` (fp16 bits) is written; ``codes[D]`` is scratch. A group holding a NaN or an infinity, or whose
+    def _quantize_row(row, i, bits, group, powers, mantissa, payload, scale, zero, codes):  # pragma: no cover (jit)
+        """`quant.quantize` of float32 ``row[D]`` for per-token groups of ``group`` channels, int codes and float16
+        scale/zero: the same arithmetic in the same order (no fastmath but for `_fast_extremes`), so the same bits.
+        Row ``i`` of ``payload[N, D * bits / 8]`` (packed as `quant.packing` packs), ``scale``/``zero`` ``[N, D /
+        group]`` (fp16 bits) is written; ``codes[D]`` is scratch. A group holding a NaN or an infinity, or whose
         scale overflows, gets NaN scale and zero and codes 0. The codes are computed first and packed after: loops LLVM
         vectorizes."""
-        dim = x.shape[1]
+        dim = row.shape[0]
         levels = (1 << bits) - 1
         top = np.float32(levels)
         per = 8 // bits
-        row = x[i]
         for g in range(dim // group):
             v = row[g * group : (g + 1) * group]
             low = step = np.uint16(0x7C00)  # stay infinite where the group is not finite
@@ -668,7 +668,225 @@ if numba is not None:
         for t in numba.prange(-(-x.shape[0] // QUANTIZE_CHUNK)):
             codes = np.empty(x.shape[1], np.uint8)
             for i in range(t * QUANTIZE_CHUNK, min((t + 1) * QUANTIZE_CHUNK, x.shape[0])):
-                _quantize_row(x, i, bits, group, powers, mantissa, payload, scale, zero, codes)
+                _quantize_row(x[i], i, bits, group, powers, mantissa, payload, scale, zero, codes)
+
+    @numba.njit(inline="always")
+    def _value16(bits, powers, mantissa):  # pragma: no cover (jit)
+        """`_float16`, infinities and NaNs included (a compaction reads few rows: exactness over speed)."""
+        ones = (1 << (15 - mantissa)) - 1
+        if (bits >> mantissa) & ones == ones:
+            if bits & ((1 << mantissa) - 1):
+                return np.float32(np.nan)
+            return np.float32(-np.inf) if bits & 0x8000 else np.float32(np.inf)
+        return _float16(bits, powers, mantissa)
+
+    @numba.njit(inline="always")
+    def _bits16(x, mantissa):  # pragma: no cover (jit)
+        """The bits of float32 ``x`` rounded to the nearest float16 (``mantissa`` 10) or bfloat16 (7), as torch
+        rounds (a bfloat16 NaN is 0x7FC0)."""
+        if mantissa == 10:
+            return _half_bits(x)
+        u = np.float32(x).view(np.uint32)
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            return np.uint16(0x7FC0)
+        return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+    @numba.njit(inline="always")
+    def _nearest16(x, mantissa):  # pragma: no cover (jit)
+        """float32 ``x`` rounded to the nearest float16 (``mantissa`` 10) or bfloat16 (7) value, ties to even, as a
+        float32 (torch's rounding), in selects rather than branches, so that a row's loop vectorizes. float16: a normal result keeps 10
+        mantissa bits, one below float16's smallest normal is a multiple of ``2**-24``, one from 65520 on infinite."""
+        u = np.float32(x).view(np.uint32)
+        cut = 23 - mantissa
+        kept = np.uint32((u + ((1 << (cut - 1)) - 1) + ((u >> cut) & 1)) & ~np.uint32((1 << cut) - 1))
+        rounded = kept.view(np.float32)
+        if mantissa == 7:
+            return x if x != x else rounded
+        a = u & 0x7FFFFFFF
+        tiny = np.rint(x * np.float32(16777216.0)) * np.float32(2.0**-24)
+        huge = np.float32(np.inf) if x > 0 else np.float32(-np.inf)
+        return tiny if a < 0x38800000 else (rounded if a < 0x477FF000 else (x if x != x else huge))
+
+    @numba.njit(inline="always")
+    def _decoded(codes, scale, zero, r, bits, group, half, mantissa, out):  # pragma: no cover (jit)
+        """``out[:] =`` row ``r`` of int codes (float16 ``scale``/``zero`` bits per group) dequantized to the 16-bit
+        float type as `quant.dequantize` does on CPU: scale and zero cast to that type, the code times the scale
+        rounded to it, plus the zero rounded again."""
+        per, mask = 8 // bits, (1 << bits) - 1
+        for d in range(out.shape[0]):
+            out[d] = np.float32((codes[r, d // per] >> ((d % per) * bits)) & mask)
+        for g in range(out.shape[0] // group):
+            step = _nearest16(_value16(scale[r, g], half[0], half[1]), mantissa)
+            low = _nearest16(_value16(zero[r, g], half[0], half[1]), mantissa)
+            row = out[g * group : (g + 1) * group]
+            for d in range(group):
+                row[d] = _nearest16(_nearest16(row[d] * step, mantissa) + low, mantissa)
+
+    @numba.njit(inline="always")
+    def _copy_rows(source, first, out, at, count, width):  # pragma: no cover (jit)
+        """``out[at : at + count] = source[first : first + count]`` for rows of ``width`` values (C order), a loop over
+        two flat slices that LLVM vectorizes: numba copies a slice assignment through a temporary array, and a loop
+        indexing the whole arrays at an offset stays scalar (50 and 60 times slower on a compaction's rows)."""
+        rows = source.reshape(-1)[first * width : (first + count) * width]
+        into = out.reshape(-1)[at * width : (at + count) * width]
+        for x in range(rows.shape[0]):
+            into[x] = rows[x]
+
+    @numba.njit(boundscheck=False)
+    def _move_span(
+        j,
+        stop,
+        t,
+        orders,
+        incoming,
+        first,
+        exiting,
+        start,
+        mixes,
+        codes,
+        scales,
+        zeros,
+        positions,
+        scores,
+        ages,
+        window,
+        recent,
+        recent_ages,
+        powers,
+        mantissa,
+        half,
+        out_codes,
+        out_scales,
+        out_zeros,
+        out_positions,
+        out_scores,
+        out_ages,
+    ):  # pragma: no cover (jit)
+        """Rows ``j`` to ``stop`` of `_moved`: a function of its own, not inlined in the parallel loop (numba's
+        parallel transform hoisted a conditional assignment out of such a body and wrote the wrong rows)."""
+        tiers = mixes.shape[0]
+        own = first[t + 1] - first[t]
+        widest = max(window[0].shape[2], window[1].shape[2])  # low-rank keys: fewer coefficients than channels
+        buffer, codes_buffer = np.empty(widest, np.float32), np.empty(widest, np.uint8)
+        while j < stop:
+            u, r, s, i = t, orders[j], 0, 0
+            if r < own:  # staying, with the rows after it: copied as one block
+                end = j + 1
+                while end < stop and orders[end] == r + end - j and orders[end] < own:
+                    end += 1
+                for side in range(2):
+                    _copy_rows(codes[2 * t + side], r, out_codes[side], j, end - j, out_codes[side].shape[1])
+                    if mixes[t, 2 * side] != 16:
+                        groups = out_scales[side].shape[1]
+                        _copy_rows(scales[2 * t + side], r, out_scales[side], j, end - j, groups)
+                        _copy_rows(zeros[2 * t + side], r, out_zeros[side], j, end - j, groups)
+                _copy_rows(positions[t], r, out_positions, j, end - j, 1)
+                _copy_rows(scores[t], r, out_scores, j, end - j, 1)
+                _copy_rows(ages[t], r, out_ages, j, end - j, 1)
+                j = end
+                continue
+            code = incoming[r - own]  # entering: from a higher tier, or from the window (u == tiers)
+            u = 0
+            while u < tiers and code >= first[u + 1]:
+                u += 1
+            r = code - first[u]
+            if u == tiers:
+                s, i = r // exiting, r % exiting
+                out_positions[j] = start + i
+                out_scores[j] = _half_bits(recent[s, i])
+                out_ages[j] = recent_ages[s, i]
+            else:
+                out_positions[j], out_scores[j], out_ages[j] = positions[u][r], scores[u][r], ages[u][r]
+            for side in range(2):
+                bits, group, source = mixes[t, 2 * side], mixes[t, 2 * side + 1], 2 * u + side
+                out, dim = out_codes[side], window[side].shape[2]
+                values, scratch = buffer[:dim], codes_buffer[:dim]
+                if u < tiers and mixes[u, 2 * side] != 16:  # coded: decoded as `RaggedStore.rows_at` does
+                    _decoded(codes[source], scales[source], zeros[source], r, mixes[u, 2 * side],
+                             mixes[u, 2 * side + 1], half, mantissa, values)  # fmt: skip
+                    if bits == 16:
+                        target = out[j].view(np.uint16)
+                        for d in range(dim):
+                            target[d] = _bits16(values[d], mantissa)
+                        continue
+                else:  # 16-bit rows
+                    row = window[side][s, i] if u == tiers else codes[source][r].view(np.uint16)
+                    if bits == 16:
+                        out[j].view(np.uint16)[:] = row
+                        continue
+                    for d in range(dim):
+                        values[d] = _value16(row[d], powers, mantissa)
+                _quantize_row(values, j, bits, group, half[0], half[1], out, out_scales[side], out_zeros[side],
+                              scratch)  # fmt: skip
+            j += 1
+
+    @numba.njit(parallel=_prange_only(), boundscheck=False, cache=True)
+    def _moved(
+        t,
+        orders,
+        incoming,
+        first,
+        exiting,
+        start,
+        mixes,
+        codes,
+        scales,
+        zeros,
+        positions,
+        scores,
+        ages,
+        window,
+        recent,
+        recent_ages,
+        powers,
+        mantissa,
+        half,
+        out_codes,
+        out_scales,
+        out_zeros,
+        out_positions,
+        out_scores,
+        out_ages,
+    ):  # pragma: no cover (jit)
+        """Tier ``t``'s rows after a compaction (`compaction.plan`, from `_plan`'s ``orders`` and ``incoming`` for
+        it): its staying rows copied, rows of a higher tier decoded to the 16-bit type and encoded at its own
+        precision, leaving window tokens encoded; the bits `store.RaggedStore.rebuild` gives. Per tier ``u``:
+        ``mixes[u]`` its (key bits, key group, value bits, value group), 16 bits for 16-bit rows; ``codes[2u]`` its
+        keys' codes (16-bit rows: their bits as bytes), ``codes[2u + 1]`` its values', ``scales``/``zeros`` alike
+        (float16 bits); its rows' ``positions``, ``scores`` (float16 bits), ``ages``. ``window``: the window's keys
+        and values ``[S, R, D]`` (16-bit bits), ``recent``/``recent_ages`` ``[S, R]`` its scores and ages, positions
+        from ``start``; ``powers``/``mantissa`` read that 16-bit type, ``half`` float16 (`_powers`). The ``out_`` arrays
+        (keys, then values) are written."""
+        for task in numba.prange(-(-orders.shape[0] // MOVE_CHUNK)):
+            _move_span(
+                task * MOVE_CHUNK,
+                min((task + 1) * MOVE_CHUNK, orders.shape[0]),
+                t,
+                orders,
+                incoming,
+                first,
+                exiting,
+                start,
+                mixes,
+                codes,
+                scales,
+                zeros,
+                positions,
+                scores,
+                ages,
+                window,
+                recent,
+                recent_ages,
+                powers,
+                mantissa,
+                half,
+                out_codes,
+                out_scales,
+                out_zeros,
+                out_positions,
+                out_scores,
+                out_ages,
+            )
 
     @numba.njit(cache=True, boundscheck=False)
     def _table(counts, scores, positions, recent, recent_valid, exiting, start):  # pragma: no cover (jit)
@@ -738,7 +956,8 @@ if numba is not None:
     @numba.njit(cache=True, boundscheck=False)
     def _plan(counts, target, exiting):  # pragma: no cover (jit)
         """`compaction.plan` as flat arrays: new counts ``[T, S]``; the tiers' orders and incoming codes one after the
-        other, with where each tier's start (``[T + 1]`` each); whether each tier keeps its rows as they are."""
+        other, with where each tier's start (``[T + 1]`` each); whether each tier keeps its rows as they are; each
+        tier's first code, then the leaving tokens' (``[T + 1]``)."""
         tiers, segments = counts.shape
         first = np.zeros(tiers + 1, np.int64)  # each tier's first code, then the leaving tokens'
         for u in range(tiers):
@@ -788,7 +1007,7 @@ if numba is not None:
         same = np.empty(tiers, np.bool_)
         for t in range(tiers):
             same[t] = received[t] == 0 and (stay[t] == counts[t]).all()
-        return new, orders, order_at, incoming, incoming_at, same
+        return new, orders, order_at, incoming, incoming_at, same, first
 
 
 def fold(scores: torch.Tensor, n: int, stores: list[tuple], reduce: str = "mean") -> None:
@@ -810,8 +1029,7 @@ def candidate_table(counts, scores, positions, recent, recent_valid, exiting: in
 def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int):
     """`compaction.plan` in one kernel call (a few dozen small torch operations otherwise): ``counts[T, S]`` int64,
     ``target[S, W]`` int8 on CPU."""
-    new, orders, order_at, incoming, incoming_at, same = _plan(counts.numpy(), target.numpy(), exiting)
-    first = np.concatenate([[0], np.cumsum(counts.numpy().sum(1))])  # each tier's first code, then the leaving tokens'
+    new, orders, order_at, incoming, incoming_at, same, first = _plan(counts.numpy(), target.numpy(), exiting)
     entering = []
     for t in range(counts.shape[0]):
         codes = incoming[incoming_at[t] : incoming_at[t + 1]]
@@ -824,6 +1042,104 @@ def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int):
         [None if same[t] else torch.from_numpy(orders[order_at[t] : order_at[t + 1]]) for t in range(len(same))],
         entering,
     )
+
+
+def movable(stores: list, window: torch.Tensor) -> bool:
+    """Whether `compaction_moves` moves these stores' rows: each side 16-bit rows or int codes in per-token groups with
+    float16 scales, a 16-bit ``window``, on CPU."""
+    return (
+        window.device.type == "cpu"
+        and window.dtype in _SIXTEEN_BIT
+        and all(
+            not p.quantized
+            or (p.fmt == "int" and p.axis == "token" and p.scale_dtype == torch.float16 and p.bits in (2, 4, 8))
+            for store in stores
+            for p in (store.key, store.value)
+        )
+    )
+
+
+def compaction_moves(
+    stores: list, counts: torch.Tensor, target: torch.Tensor, exiting: int, window: tuple, start: int
+) -> list[tuple | None]:
+    """`compaction.plan` and the `store.RaggedStore.rebuild` of every store in one kernel call each (the same bits;
+    otherwise a hundred small torch operations a layer), for stores `movable` takes: ``counts[T, S]`` int64 and
+    ``target[S, W]`` int8 as `compaction.plan` takes them; ``window``: the keys of the tokens leaving the layer's window
+    as the stores hold them (coefficients where low rank) and its values ``[B, H, R, D]`` (16-bit; the keys of at
+    least the ``exiting`` oldest tokens), its scores (float32) and ages (uint8) ``[B, H, R]``, the oldest at position
+    ``start``. Per store, its new ``(counts, keys, values, positions, scores, ages)``, or None where its rows stay as
+    they are."""
+    new, orders, order_at, incoming, incoming_at, same, first = _plan(counts.numpy(), target.numpy(), exiting)
+    keys, values, recent, recent_ages = window
+    dtype, widths, flat = keys.dtype, (keys.shape[-1], values.shape[-1]), keys.shape[0] * keys.shape[1]
+    mixes = _mixes(tuple((st.key, st.value) for st in stores))
+    sides = [
+        _side(x, p, w)
+        for st in stores
+        for x, p, w in zip((st.keys, st.values), (st.key, st.value), widths, strict=True)
+    ]
+    held = (
+        *(tuple(side[i] for side in sides) for i in range(3)),
+        tuple(st.positions.numpy() for st in stores),
+        tuple(_bits(st.scores) for st in stores),
+        tuple(st.ages.numpy() for st in stores),
+        tuple(_bits(x.contiguous()).reshape(flat, -1, w) for x, w in zip((keys, values), widths, strict=True)),
+        recent.contiguous().view(flat, -1).numpy(),
+        recent_ages.contiguous().view(flat, -1).numpy(),
+        *_powers(dtype),
+        _HALF,
+    )
+    _use_torch_threads()
+    moved = []
+    for t, st in enumerate(stores):
+        if same[t]:
+            moved.append(None)
+            continue
+        rows = int(order_at[t + 1] - order_at[t])  # a numpy integer costs torch.empty twice the time
+        made = [_empty_side(p, rows, w, dtype) for p, w in zip((st.key, st.value), widths, strict=True)]
+        fields = (
+            torch.empty(rows, dtype=torch.int32),
+            torch.empty(rows, dtype=torch.float16),
+            torch.empty(rows, dtype=torch.uint8),
+        )
+        _run(
+            _moved, t, orders[order_at[t] : order_at[t + 1]], incoming[incoming_at[t] : incoming_at[t + 1]], first,
+            exiting, start, mixes, *held, *(tuple(side[i] for side in made) for i in range(1, 4)), fields[0].numpy(),
+            _bits(fields[1]), fields[2].numpy(),
+        )  # fmt: skip
+        moved.append((torch.from_numpy(new[t].copy()), made[0][0], made[1][0], *fields))
+    return moved
+
+
+@functools.cache
+def _mixes(precisions: tuple) -> np.ndarray:
+    """``[T, 4]`` each store's (key bits, key group, value bits, value group) as `_moved` reads them, from its
+    (key, value) `store.Precision`: 16 bits for 16-bit rows."""
+    sides = [(p.bits, p.group) if p.quantized else (16, 1) for pair in precisions for p in pair]
+    return np.array(sides, np.int64).reshape(len(precisions), 4)
+
+
+_NO_GROUPS = np.zeros((0, 1), np.uint16) if numba is not None else None  # 16-bit rows' scales and zeros
+
+
+def _side(x, p, dim: int) -> tuple:
+    """One side of a store as `_moved` reads it: ``(codes, scale bits, zero bits)``, 16-bit rows as bytes."""
+    if x is None:  # no row yet
+        return np.zeros((0, dim * p.bits // 8 if p.quantized else 2 * dim), np.uint8), _NO_GROUPS, _NO_GROUPS
+    if isinstance(x, QuantizedTensor):
+        return x.payload.contiguous().numpy(), _bits(x.scale.contiguous()), _bits(x.zero.contiguous())
+    return x.contiguous().view(torch.uint8).numpy(), _NO_GROUPS, _NO_GROUPS
+
+
+def _empty_side(p, rows: int, dim: int, dtype: torch.dtype) -> tuple:
+    """``rows`` new rows of one side: the encoded tensor, and its codes, scale and zero bits as `_moved` writes them."""
+    if not p.quantized:
+        x = torch.empty(rows, dim, dtype=dtype)
+        return x, x.view(torch.uint8).numpy(), _NO_GROUPS, _NO_GROUPS
+    payload = torch.empty(rows, dim * p.bits // 8, dtype=torch.uint8)
+    scale, zero = (torch.empty(rows, dim // p.group, dtype=torch.float16) for _ in range(2))
+    x = QuantizedTensor(payload, scale, zero, p.bits, p.group, "token", "int", dim, dtype)
+    return x, payload.numpy(), _bits(scale), _bits(zero)
 
 
 def pooled(scores: torch.Tensor, positions: torch.Tensor, pooling: int) -> torch.Tensor:
