@@ -155,7 +155,8 @@ class RandomTiers(Policy):
 
 def layer_with_rows(tiers, dtype: torch.dtype, seed: int) -> LeanLayer:
     """A layer mid-decoding: random rows in every tier (some empty), a window of 12 tokens of which 8 leave, padding
-    in one batch row, NaN in a score and in a value group, rows from tiny to huge; low-rank keys on a random basis."""
+    in one batch row, NaN in a score and in a value group, infinities in the window, rows from tiny to huge; low-rank
+    keys on a random basis."""
     gen = torch.Generator().manual_seed(seed)
     batch, heads, dim, window = 2, 3, 32, 12
     settings = LayerSettings(tiers=tiers, policy=RandomTiers(len(tiers)), recent=4, sink=2, storage_dtype=dtype)
@@ -176,6 +177,7 @@ def layer_with_rows(tiers, dtype: torch.dtype, seed: int) -> LeanLayer:
         scores, ages = torch.rand(n, generator=gen), torch.randint(0, 256, (n,), generator=gen)
         tier.add(rows(n).to(dtype), values.to(dtype), segments, torch.randperm(90, generator=gen)[:n], scores, ages)
     layer.keys, layer.values = rows(batch, heads, window).to(dtype), rows(batch, heads, window).to(dtype)
+    layer.keys[0, 2, 1, 5], layer.values[1, 0, 0, 7] = float("inf"), -float("inf")  # a key past float16's range
     layer.recent_scores = torch.rand(batch, heads, window, generator=gen)
     layer.recent_scores[0, 1, 2] = float("nan")
     layer.recent_ages = torch.randint(0, 256, (batch, heads, window), generator=gen, dtype=torch.uint8)
