@@ -853,10 +853,12 @@ if numba is not None:
         precision, leaving window tokens encoded; the bits `store.RaggedStore.rebuild` gives. Per tier ``u``:
         ``mixes[u]`` its (key bits, key group, value bits, value group), 16 bits for 16-bit rows; ``codes[2u]`` its
         keys' codes (16-bit rows: their bits as bytes), ``codes[2u + 1]`` its values', ``scales``/``zeros`` alike
-        (float16 bits); its rows' ``positions``, ``scores`` (float16 bits), ``ages``. ``window``: the window's keys
-        and values ``[S, R, D]`` (16-bit bits), ``recent``/``recent_ages`` ``[S, R]`` its scores and ages, positions
-        from ``start``; ``powers``/``mantissa`` read that 16-bit type, ``half`` float16 (`_powers`). The ``out_`` arrays
-        (keys, then values) are written."""
+        (float16 bits); its rows' ``positions``, ``scores`` (float16 bits), ``ages``. ``window``: the leaving tokens'
+        keys (as the stores hold them) and the window's values ``[S, R, D]`` (16-bit bits), ``recent``/``recent_ages``
+        ``[S, R]`` its scores and ages, positions from ``start``; ``powers``/``mantissa`` read that 16-bit type, ``half``
+        float16 (`_powers`). The ``out_`` arrays (keys, then values) are written. Spans of `MOVE_CHUNK` rows run in
+        parallel (`_move_span`), every argument passed on by name: numba's parallel loop takes no tuple that holds
+        tuples of arrays."""
         for task in numba.prange(-(-orders.shape[0] // MOVE_CHUNK)):
             _move_span(
                 task * MOVE_CHUNK,
