@@ -8,9 +8,9 @@ its rows sorted by segment and, inside one, its staying rows first (in their ord
 
 The table a compaction ranks (`candidate_table`) and the plan are index arithmetic: on CPU one kernel call each
 (`kernels.candidate_table`, `kernels.compaction_plan`), elsewhere a few dozen small torch operations (tested to give
-the same). The caller moves the rows (`store.RaggedStore.rebuild`); on CPU, one kernel call per store makes the plan
-and moves them (`kernels.compaction_moves`: the same bits, without the hundred small torch operations a layer's
-rebuild takes).
+the same). The caller moves the rows (`store.RaggedStore.rebuild`); on CPU, `kernels.compaction_moves` makes the plan
+in one kernel call and each changed store's rows in one more (the same bits, without the hundred small torch
+operations a layer's rebuild takes).
 """
 
 from __future__ import annotations

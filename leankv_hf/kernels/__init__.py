@@ -92,8 +92,8 @@ def compaction_plan(counts: torch.Tensor, target: torch.Tensor, exiting: int) ->
 def compaction_moves(
     stores: list, counts: torch.Tensor, target: torch.Tensor, exiting: int, window: tuple, start: int
 ) -> list[tuple | None] | None:
-    """A compaction's plan and every store's new rows in one CPU kernel call per store (`cpu.compaction_moves`), or
-    None where it does not run."""
+    """A compaction's plan in one CPU kernel call and each changed store's new rows in one more
+    (`cpu.compaction_moves`), or None where it does not run."""
     if not _on_cpu(counts) or not cpu.movable(stores, window[0]):
         return None
     return cpu.compaction_moves(stores, counts, target.to(torch.int8).contiguous(), exiting, window, start)

@@ -694,8 +694,9 @@ if numba is not None:
     @numba.njit(inline="always")
     def _nearest16(x, mantissa):  # pragma: no cover (jit)
         """float32 ``x`` rounded to the nearest float16 (``mantissa`` 10) or bfloat16 (7) value, ties to even, as a
-        float32 (torch's rounding), in selects rather than branches, so that a row's loop vectorizes. float16: a normal result keeps 10
-        mantissa bits, one below float16's smallest normal is a multiple of ``2**-24``, one from 65520 on infinite."""
+        float32 (torch's rounding), in selects rather than branches, so that a row's loop vectorizes. float16: a
+        normal result keeps 10 mantissa bits, one below float16's smallest normal is a multiple of ``2**-24``, one
+        from 65520 on infinite."""
         u = np.float32(x).view(np.uint32)
         cut = 23 - mantissa
         kept = np.uint32((u + ((1 << (cut - 1)) - 1) + ((u >> cut) & 1)) & ~np.uint32((1 << cut) - 1))
@@ -1064,8 +1065,8 @@ def movable(stores: list, window: torch.Tensor) -> bool:
 def compaction_moves(
     stores: list, counts: torch.Tensor, target: torch.Tensor, exiting: int, window: tuple, start: int
 ) -> list[tuple | None]:
-    """`compaction.plan` and the `store.RaggedStore.rebuild` of every store in one kernel call each (the same bits;
-    otherwise a hundred small torch operations a layer), for stores `movable` takes: ``counts[T, S]`` int64 and
+    """`compaction.plan` in one kernel call and the `store.RaggedStore.rebuild` of each changed store in one more (the
+    same bits; otherwise a hundred small torch operations a layer), for stores `movable` takes: ``counts[T, S]`` int64 and
     ``target[S, W]`` int8 as `compaction.plan` takes them; ``window``: the keys of the tokens leaving the layer's window
     as the stores hold them (coefficients where low rank) and its values ``[B, H, R, D]`` (16-bit; the keys of at
     least the ``exiting`` oldest tokens), its scores (float32) and ages (uint8) ``[B, H, R]``, the oldest at position
